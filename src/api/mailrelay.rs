@@ -1,0 +1,272 @@
+//! `MailRelay`: one signing relay deployment run by the platform team.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::condition::Condition;
+use super::maildomain::{dns_label_pattern, domain_pattern};
+
+/// A signing SMTP relay: tenants submit mail to it with the credentials the
+/// operator gives each MailDomain; it checks the sender, signs with the
+/// domain's DKIM key and forwards to the platform's outbound servers.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mailauth.dev",
+    version = "v1alpha1",
+    kind = "MailRelay",
+    doc = "A signing SMTP relay: tenants submit with their credentials, it checks the sender, DKIM-signs with the domain's key and forwards upstream.",
+    plural = "mailrelays",
+    shortname = "mr",
+    category = "mailauth",
+    namespaced,
+    status = "MailRelayStatus",
+    printcolumn = r#"{"name":"Hostname","type":"string","jsonPath":".spec.hostname"}"#,
+    printcolumn = r#"{"name":"Upstream","type":"string","jsonPath":".spec.upstream.host"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Domains","type":"integer","jsonPath":".status.domains"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailRelaySpec {
+    /// How many relay pods to run.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+
+    /// The relay container image; defaults to the image the operator was
+    /// installed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// CPU and memory for each relay pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// The name the relay gives in its SMTP greeting and EHLO, such as
+    /// `relay.platform.example`.
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = kube::core::Rule::new(concat!("self.matches('", domain_pattern!(), "')")).message("must be a lowercase fully-qualified host name such as relay.platform.example"))]
+    pub hostname: String,
+
+    /// Where tenants submit mail.
+    #[serde(default)]
+    pub listener: Listener,
+
+    /// Where signed mail is forwarded.
+    pub upstream: Upstream,
+
+    /// What each tenant's SPF record must authorize for mail from this
+    /// relay to pass SPF. Give an `include` name, egress IPs, or both.
+    #[serde(default)]
+    pub spf: SpfAuthorization,
+
+    /// Which namespaces' MailDomains may use this relay.
+    #[serde(default)]
+    pub allowed_namespaces: AllowedNamespaces,
+
+    /// Limits that protect the relay and the platform's reputation.
+    #[serde(default)]
+    pub limits: RelayLimits,
+}
+
+/// The SMTP submission listener.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    /// TCP port for SMTP submission: 587 by default.
+    #[serde(default = "default_listener_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+
+    /// A `kubernetes.io/tls` Secret in the relay's namespace (for example one
+    /// that cert-manager issues) with the certificate offered by STARTTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
+
+    /// Allow AUTH without STARTTLS. Only for relays reachable solely from
+    /// inside the cluster; passwords then cross the pod network in clear.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+/// The next hop for signed mail.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Host name or IP address of the upstream SMTP server.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = kube::core::Rule::new(concat!("self.matches('", domain_pattern!(), "') || self.matches('", dns_label_pattern!(), "') || isIP(self)")).message("must be a host name such as smtp.platform.example or an IP address"))]
+    pub host: String,
+
+    /// TCP port of the upstream: 25 by default.
+    #[serde(default = "default_upstream_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+
+    /// `StartTLS` (default: required), `TLS` (implicit TLS, e.g. port 465)
+    /// or `None` (plain SMTP; only for a server on a trusted network).
+    #[serde(default)]
+    pub tls: UpstreamTls,
+
+    /// A Secret in the relay's namespace with `username` and `password` to
+    /// authenticate to the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret_name: Option<String>,
+}
+
+/// How the relay secures its connection to the upstream.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum UpstreamTls {
+    #[default]
+    #[serde(rename = "StartTLS")]
+    StartTls,
+    #[serde(rename = "TLS")]
+    Tls,
+    None,
+}
+
+/// What tenants' SPF records must authorize.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SpfAuthorization {
+    /// A domain to reference with `include:`, such as `_spf.platform.example`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?[.])+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$')").message("must be a lowercase domain name such as _spf.platform.example"))]
+    pub include: Option<String>,
+
+    /// The addresses (or CIDR ranges) mail leaves the platform from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(max = 43)))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(ip, isIP(ip) || isCIDR(ip))").message("each entry must be an IP address or CIDR range such as 192.0.2.10 or 2001:db8::/48"))]
+    pub egress_ips: Vec<String>,
+}
+
+/// Which namespaces may use a relay, as Gateway API listeners choose routes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.from == 'Selector' ? has(self.selector) : !has(self.selector)").message("selector must be set when from is Selector, and only then").field_path(".selector"))]
+pub struct AllowedNamespaces {
+    /// `Same` (default: only the relay's own namespace), `All`, or
+    /// `Selector` (namespaces whose labels match `selector`).
+    #[serde(default)]
+    pub from: NamespacesFrom,
+
+    /// The namespace label selector, when `from` is `Selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// The namespaces a relay admits.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum NamespacesFrom {
+    #[default]
+    Same,
+    All,
+    Selector,
+}
+
+/// Relay limits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayLimits {
+    /// Largest message accepted, in bytes (SMTP SIZE): 25 MiB by default.
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = 1024, max = 209715200))]
+    pub max_message_bytes: u64,
+
+    /// Most recipients per message.
+    #[serde(default = "default_max_recipients")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_recipients: u32,
+
+    /// Most concurrent client connections per relay pod.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_connections: u32,
+
+    /// Messages per minute each domain may send, unless its MailDomain asks
+    /// for less.
+    #[serde(default = "default_messages_per_minute")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub messages_per_minute: u32,
+}
+
+/// What the operator observed about a MailRelay.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MailRelayStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` and `Configured`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Relay pods ready to accept mail.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// MailDomains this relay signs and sends for.
+    #[serde(default)]
+    pub domains: i32,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+fn default_listener_port() -> u16 {
+    587
+}
+
+fn default_upstream_port() -> u16 {
+    25
+}
+
+fn default_max_message_bytes() -> u64 {
+    25 * 1024 * 1024
+}
+
+fn default_max_recipients() -> u32 {
+    100
+}
+
+fn default_max_connections() -> u32 {
+    1000
+}
+
+fn default_messages_per_minute() -> u32 {
+    600
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self {
+            port: default_listener_port(),
+            tls_secret_name: None,
+            allow_plaintext_auth: false,
+        }
+    }
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message_bytes(),
+            max_recipients: default_max_recipients(),
+            max_connections: default_max_connections(),
+            messages_per_minute: default_messages_per_minute(),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# A real local Kubernetes control plane (etcd + kube-apiserver, no kubelet),
+# as controller-runtime's envtest runs it, on 127.0.0.1.
+#
+#   cluster.sh up     start it in the background (or reuse a running one)
+#   cluster.sh down   stop it and remove its state
+#   cluster.sh status exit 0 when it answers
+#
+# State lives in ${CLUSTER_DIR:-<repo>/target/cluster}: kubeconfig, certs,
+# logs, pids, and bin/ with the matching kubectl and helm.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+dir="${CLUSTER_DIR:-$repo/target/cluster}"
+kubeconfig="$dir/kubeconfig"
+
+log() { echo "cluster: $*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_for() { # wait_for <seconds> <description> <command...>
+  local deadline=$((SECONDS + $1)) what="$2"
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      log "$what did not come up; last lines of its log:"
+      tail -n 30 "$dir/$what.log" >&2 || true
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+running() {
+  [[ -f "$kubeconfig" ]] && "$dir/bin/kubectl" --kubeconfig "$kubeconfig" --request-timeout=5s get --raw /readyz >/dev/null 2>&1
+}
+
+stop() {
+  for name in kube-apiserver etcd; do
+    if [[ -f "$dir/$name.pid" ]]; then
+      local pid
+      pid="$(cat "$dir/$name.pid")"
+      if kill "$pid" 2>/dev/null; then
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+      fi
+      rm -f "$dir/$name.pid"
+    fi
+  done
+}
+
+make_certs() {
+  local pki="$dir/pki"
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=mailauth-test-ca" \
+      -keyout ca.key -out ca.crt 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key -out apiserver.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.0.0.1\nextendedKeyUsage=serverAuth\n' > apiserver.ext
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile apiserver.ext -out apiserver.crt 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=admin" -keyout admin.key -out admin.csr 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' > admin.ext
+    openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile admin.ext -out admin.crt 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+write_kubeconfig() {
+  local port="$1" pki="$dir/pki"
+  cat > "$kubeconfig.tmp" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: mailauth-local
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority-data: $(base64 -w0 < "$pki/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(base64 -w0 < "$pki/admin.crt")
+    client-key-data: $(base64 -w0 < "$pki/admin.key")
+contexts:
+- name: mailauth-local
+  context:
+    cluster: mailauth-local
+    user: admin
+    namespace: default
+current-context: mailauth-local
+EOF
+  mv "$kubeconfig.tmp" "$kubeconfig"
+}
+
+up() {
+  mkdir -p "$dir"
+  # One starter at a time: parallel test binaries may all ask at once.
+  exec 9>"$dir/.lock"
+  flock 9
+  local bin
+  bin="$("$here/build.sh")"
+  mkdir -p "$dir/bin"
+  ln -sf "$bin/kubectl" "$dir/bin/kubectl"
+  ln -sf "$bin/helm" "$dir/bin/helm"
+  if running; then
+    log "already running ($kubeconfig)"
+    return 0
+  fi
+  stop
+  rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig"
+  make_certs
+
+  local etcd_port etcd_peer_port api_port
+  etcd_port="$(free_port)"
+  etcd_peer_port="$(free_port)"
+  api_port="$(free_port)"
+
+  setsid "$bin/etcd" \
+    --name mailauth-test \
+    --data-dir "$dir/etcd-data" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" \
+    --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer_port" \
+    --initial-cluster "mailauth-test=http://127.0.0.1:$etcd_peer_port" \
+    --unsafe-no-fsync \
+    --quota-backend-bytes 8589934592 \
+    >"$dir/etcd.log" 2>&1 < /dev/null &
+  echo $! > "$dir/etcd.pid"
+  wait_for 60 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+  local pki="$dir/pki"
+  setsid "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --cert-dir "$pki" \
+    --tls-cert-file "$pki/apiserver.crt" \
+    --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --secure-port "$api_port" \
+    --bind-address 127.0.0.1 \
+    --advertise-address 127.0.0.1 \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" \
+    --service-account-signing-key-file "$pki/sa.key" \
+    --disable-admission-plugins ServiceAccount \
+    --allow-privileged=true \
+    >"$dir/kube-apiserver.log" 2>&1 < /dev/null &
+  echo $! > "$dir/kube-apiserver.pid"
+  write_kubeconfig "$api_port"
+  wait_for 120 kube-apiserver running
+  # The default namespace and RBAC bootstrap roles appear shortly after
+  # /readyz; tests create namespaces and roles right away.
+  wait_for 60 kube-apiserver "$dir/bin/kubectl" --kubeconfig "$kubeconfig" get namespace default
+  log "up: KUBECONFIG=$kubeconfig (kubectl and helm in $dir/bin)"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) stop; rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig"; log "down" ;;
+  status) running ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
