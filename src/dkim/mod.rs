@@ -1,0 +1,1 @@
+//! DKIM keys: generation, selectors and the rotation state machine (pure core).
