@@ -142,7 +142,7 @@ pub struct SpfAuthorization {
     pub include: Option<String>,
 
     /// The addresses (or CIDR ranges) mail leaves the platform from.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty", rename = "egressIPs")]
     #[schemars(length(max = 16), inner(length(max = 43)))]
     #[x_kube(validation = kube::core::Rule::new("self.all(ip, isIP(ip) || isCIDR(ip))").message("each entry must be an IP address or CIDR range such as 192.0.2.10 or 2001:db8::/48"))]
     pub egress_ips: Vec<String>,

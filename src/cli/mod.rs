@@ -1,5 +1,8 @@
 //! Command-line interface: one subcommand per role of the binary.
 
+mod check;
+mod records;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -25,6 +28,11 @@ pub enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Check domains' DKIM selectors, SPF and DMARC in DNS; exits 1 when a
+    /// check fails.
+    Check(check::CheckArgs),
+    /// Print the DNS records a MailDomain manifest needs, as zone-file lines.
+    Records(records::RecordsArgs),
 }
 
 /// Errors a subcommand reports to the user.
@@ -41,6 +49,10 @@ pub enum CliError {
     Controller(#[from] crate::controller::Error),
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Check(#[from] check::CheckError),
+    #[error(transparent)]
+    Records(#[from] records::RecordsError),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
@@ -53,6 +65,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             write_crds(&dir)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check(args) => Ok(check::run(args)?),
+        Command::Records(args) => Ok(records::run(args)?),
         Command::Controller(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

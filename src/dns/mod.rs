@@ -1,1 +1,257 @@
 //! DNS: the records a domain needs, and checking them through a real resolver.
+//!
+//! - [`records`] (pure): the records a `MailDomain` needs
+//!   ([`expected_records`]) and their `status.records[]` entries
+//!   ([`record_statuses`]), stable when nothing changed.
+//! - [`resolver`]: the one resolver setup (no cache, capped concurrency,
+//!   query counter) and the [`DnsLookup`] trait the checks run on.
+//! - [`dkim`], [`spf`], [`dmarc`]: one module per protocol; each separates
+//!   judging what DNS returned (pure) from asking for it.
+//!
+//! Two entry points:
+//! - the controller knows the exact records and calls [`check_records`];
+//! - the CLI knows a domain and some selectors and calls [`check_domain`].
+//!
+//! Every check ends in a [`Verdict`]. A timeout, SERVFAIL or REFUSED is a
+//! [`Verdict::Error`], never [`Verdict::Missing`]: only NXDOMAIN or an
+//! empty answer proves a record is not there.
+
+pub mod dkim;
+pub mod dmarc;
+pub mod records;
+pub mod resolver;
+pub mod spf;
+mod verdict;
+
+#[cfg(test)]
+mod testing;
+
+use futures::future::join_all;
+use serde::Serialize;
+
+pub use dkim::DkimOutcome;
+pub use dmarc::DmarcOutcome;
+pub use records::{
+    ExpectedRecord, Purpose, RecordOutcome, RecordType, Requirement, expected_records,
+    record_statuses, return_path_mx_record,
+};
+pub use resolver::{DnsLookup, DnsResolver, LookupError, ResolverError, ResolverSettings};
+pub use spf::{SpfOutcome, SpfRequirement};
+pub use verdict::Verdict;
+
+/// Checks each expected record against DNS, concurrently. Removable
+/// records (retired keys) are not looked up: their verdict is `None`.
+pub async fn check_records(
+    dns: &impl DnsLookup,
+    expected: &[ExpectedRecord],
+) -> Vec<RecordOutcome> {
+    join_all(expected.iter().map(|record| async move {
+        RecordOutcome {
+            record: record.clone(),
+            verdict: check_record(dns, record).await,
+        }
+    }))
+    .await
+}
+
+async fn check_record(dns: &impl DnsLookup, record: &ExpectedRecord) -> Option<Verdict> {
+    let verdict = match &record.requirement {
+        Requirement::MayBeRemoved => return None,
+        Requirement::DkimPublicKey { public_key, .. } => {
+            dkim::check_dkim_record(dns, &record.name, Some(public_key))
+                .await
+                .0
+        }
+        Requirement::SpfAuthorizes(authorization) => {
+            match SpfRequirement::from_authorization(authorization) {
+                Ok(requirement) => {
+                    spf::check_spf(dns, &record.name, &requirement)
+                        .await
+                        .verdict
+                }
+                Err(err) => Verdict::Error {
+                    message: format!("the relay's spf.egressIps: {err}"),
+                },
+            }
+        }
+        Requirement::DmarcRecord => dmarc::check_dmarc_record(dns, &record.name).await.verdict,
+        Requirement::MailExchanger { exchange } => check_mx(dns, &record.name, exchange).await,
+    };
+    Some(verdict)
+}
+
+/// An MX at `name` must point to `exchange` (other MX hosts may exist).
+async fn check_mx(dns: &impl DnsLookup, name: &str, exchange: &str) -> Verdict {
+    match dns.mx(name).await {
+        Ok(hosts) if hosts.iter().any(|host| host.eq_ignore_ascii_case(exchange)) => {
+            Verdict::Verified
+        }
+        Ok(hosts) => Verdict::Mismatch {
+            found: hosts.join(", "),
+            problem: format!("no MX points to {exchange}"),
+        },
+        Err(err) if err.is_absent() => Verdict::Missing {
+            reason: err.to_string(),
+        },
+        Err(err) => Verdict::Error {
+            message: err.to_string(),
+        },
+    }
+}
+
+/// What to check about one domain when the exact records are not known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DomainCheck {
+    pub domain: String,
+    /// DKIM selectors, each with the public key it must carry if known.
+    pub selectors: Vec<SelectorCheck>,
+    /// What SPF must authorize; empty: only that the record is valid.
+    pub spf: SpfRequirement,
+}
+
+/// One DKIM selector to check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SelectorCheck {
+    pub selector: String,
+    pub public_key: Option<String>,
+}
+
+/// Everything found about one domain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DomainReport {
+    pub domain: String,
+    pub dkim: Vec<DkimOutcome>,
+    pub spf: SpfOutcome,
+    pub dmarc: DmarcOutcome,
+}
+
+impl DomainReport {
+    /// Every check verified: DKIM for each selector asked, SPF, DMARC.
+    pub fn passed(&self) -> bool {
+        self.dkim
+            .iter()
+            .all(|outcome| outcome.verdict.is_verified())
+            && self.spf.verdict.is_verified()
+            && self.dmarc.verdict.is_verified()
+    }
+}
+
+/// Checks a domain's DKIM selectors, SPF and DMARC, concurrently.
+pub async fn check_domain(dns: &impl DnsLookup, check: &DomainCheck) -> DomainReport {
+    let domain = check.domain.trim_end_matches('.').to_ascii_lowercase();
+    let dkim = join_all(check.selectors.iter().map(|selector| {
+        dkim::check_dkim(
+            dns,
+            &domain,
+            &selector.selector,
+            selector.public_key.as_deref(),
+        )
+    }));
+    let (dkim, spf, dmarc) = futures::join!(
+        dkim,
+        spf::check_spf(dns, &domain, &check.spf),
+        dmarc::check_dmarc(dns, &domain)
+    );
+    DomainReport {
+        domain,
+        dkim,
+        spf,
+        dmarc,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::FakeDns;
+    use super::*;
+    use crate::api::{DkimKeyStatus, KeyAlgorithm, KeyState, MailDomainSpec, SpfAuthorization};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn key(selector: &str, state: KeyState, public_key: &str) -> DkimKeyStatus {
+        DkimKeyStatus {
+            selector: selector.into(),
+            algorithm: KeyAlgorithm::Ed25519,
+            size: None,
+            state,
+            generation: 1,
+            public_key: public_key.into(),
+            created_at: Time("2026-01-01T00:00:00Z".parse().unwrap()),
+            activated_at: None,
+            retiring_at: None,
+            retired_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn expected_records_are_checked_by_meaning() {
+        let spec: MailDomainSpec =
+            serde_yaml::from_str("{domain: acme.test, returnPath: bounce}").unwrap();
+        let relay = SpfAuthorization {
+            include: None,
+            egress_ips: vec!["192.0.2.10".into()],
+        };
+        let keys = [
+            key("new", KeyState::Pending, "NEWKEY"),
+            key("cur", KeyState::Active, "CURKEY"),
+            key("old", KeyState::Retired, "OLDKEY"),
+        ];
+        let dns = FakeDns::default()
+            .txt("cur._domainkey.acme.test", "v=DKIM1; k=ed25519; p=CURKEY")
+            .txt("acme.test", "v=spf1 mx ip4:192.0.2.0/24 -all")
+            .mx("acme.test", "mx.acme.test")
+            .txt("_dmarc.acme.test", "v=DMARC1; p=reject")
+            .failing("bounce.acme.test");
+        let mut expected = expected_records("acme.test", &spec, &keys, Some(&relay));
+        expected.extend(return_path_mx_record(
+            "acme.test",
+            &spec,
+            "bounces.relay.test",
+        ));
+        let outcomes = check_records(&dns, &expected).await;
+        let verdicts: Vec<_> = outcomes
+            .iter()
+            .map(|o| o.verdict.as_ref().map(Verdict::record_state))
+            .collect();
+        use crate::api::RecordState::*;
+        assert_eq!(
+            verdicts,
+            [
+                Some(Missing),  // new: not published yet
+                Some(Verified), // cur
+                None,           // old: removable, not looked up
+                Some(Verified), // SPF authorizes 192.0.2.10
+                Some(Verified), // DMARC
+                Some(Error),    // return-path SPF: the lookup failed
+                Some(Error),    // return-path MX: the lookup failed
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_domain_report_passes_only_when_everything_verifies() {
+        let dns = FakeDns::default()
+            .txt("s1._domainkey.acme.test", "v=DKIM1; k=ed25519; p=KEY")
+            .txt("acme.test", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc.acme.test", "v=DMARC1; p=none");
+        let mut check = DomainCheck {
+            domain: "ACME.test.".into(),
+            selectors: vec![SelectorCheck {
+                selector: "s1".into(),
+                public_key: None,
+            }],
+            spf: SpfRequirement::default(),
+        };
+        let report = check_domain(&dns, &check).await;
+        assert_eq!(report.domain, "acme.test");
+        assert!(report.passed(), "{report:?}");
+        assert!(report.dmarc.policy.as_ref().unwrap().monitoring_only);
+
+        check.selectors.push(SelectorCheck {
+            selector: "s2".into(),
+            public_key: None,
+        });
+        let report = check_domain(&dns, &check).await;
+        assert!(!report.passed());
+        assert!(matches!(report.dkim[1].verdict, Verdict::Missing { .. }));
+    }
+}

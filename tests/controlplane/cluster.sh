@@ -99,7 +99,9 @@ EOF
 
 up() {
   mkdir -p "$dir"
-  # One starter at a time: parallel test binaries may all ask at once.
+  # One starter at a time: parallel test binaries may all ask at once. The
+  # daemons must not inherit the lock's descriptor (9>&- below), or the lock
+  # would be held for as long as they run.
   exec 9>"$dir/.lock"
   flock 9
   local bin
@@ -130,7 +132,7 @@ up() {
     --initial-cluster "mailauth-test=http://127.0.0.1:$etcd_peer_port" \
     --unsafe-no-fsync \
     --quota-backend-bytes 8589934592 \
-    >"$dir/etcd.log" 2>&1 < /dev/null &
+    >"$dir/etcd.log" 2>&1 </dev/null 9>&- &
   echo $! > "$dir/etcd.pid"
   wait_for 60 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
 
@@ -151,7 +153,8 @@ up() {
     --service-account-signing-key-file "$pki/sa.key" \
     --disable-admission-plugins ServiceAccount \
     --allow-privileged=true \
-    >"$dir/kube-apiserver.log" 2>&1 < /dev/null &
+    --endpoint-reconciler-type=none \
+    >"$dir/kube-apiserver.log" 2>&1 </dev/null 9>&- &
   echo $! > "$dir/kube-apiserver.pid"
   write_kubeconfig "$api_port"
   wait_for 120 kube-apiserver running

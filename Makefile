@@ -1,0 +1,57 @@
+# Routine actions. `make demo` shows the operator working end to end;
+# `make test` runs every test (what CI runs).
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+CLUSTER := tests/controlplane/cluster.sh
+export KUBECONFIG_LOCAL := $(CURDIR)/target/cluster/kubeconfig
+
+.PHONY: all build crds lint fmt test unit integration cluster-up cluster-down controlplane demo bench clean
+
+all: build
+
+## build: the release binary (controller, relay and CLI in one)
+build:
+	$(CARGO) build --release --locked
+
+## crds: regenerate crds/ and the chart's crds/ from the Rust types
+crds:
+	$(CARGO) run --quiet --locked -- crd --out-dir crds
+	$(CARGO) run --quiet --locked -- crd --out-dir charts/mailauth-operator/crds
+
+fmt:
+	$(CARGO) fmt
+
+## lint: formatting and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## controlplane: build etcd, kube-apiserver, kubectl and helm (cached by version)
+controlplane:
+	tests/controlplane/build.sh
+
+## cluster-up / cluster-down: the local control plane (target/cluster/kubeconfig)
+cluster-up:
+	$(CLUSTER) up
+
+cluster-down:
+	$(CLUSTER) down
+
+## test: lint, unit and integration tests against the real control plane and peers
+test: lint cluster-up
+	$(CARGO) test --locked --all-targets --no-fail-fast
+
+unit:
+	$(CARGO) test --locked --lib
+
+## demo: see README; starts the control plane, installs CRDs, runs the operator on the examples
+demo:
+	tests/demo/demo.sh
+
+## bench: benchmarks (numbers, not pass/fail)
+bench:
+	tests/bench/bench.sh
+
+clean: cluster-down
+	$(CARGO) clean

@@ -1,0 +1,167 @@
+//! The real local control plane (etcd + kube-apiserver), started once per
+//! machine by `tests/controlplane/cluster.sh` and shared by every test. Each
+//! test works in a namespace of its own, so tests run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config};
+
+/// Where the control plane keeps its state and tools.
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    pub bin: PathBuf,
+}
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared control plane, started on first use (or reused when running).
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let script = repo_root().join("tests/controlplane/cluster.sh");
+        let status = Command::new(&script)
+            .arg("up")
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(status.success(), "{} up failed: {status}", script.display());
+        let dir = std::env::var_os("CLUSTER_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target/cluster"));
+        Cluster {
+            kubeconfig: dir.join("kubeconfig"),
+            bin: dir.join("bin"),
+        }
+    })
+}
+
+impl Cluster {
+    /// A kube client for the admin user.
+    pub async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("reading kubeconfig");
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("loading kubeconfig");
+        Client::try_from(config).expect("building client")
+    }
+
+    /// Runs the cluster's own kubectl with the admin kubeconfig.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        run_with_stdin(
+            Command::new(self.bin.join("kubectl"))
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args),
+            stdin,
+        )
+    }
+
+    /// Installs (server-side apply) the generated CRDs from `crds/` and waits
+    /// until they are Established. Safe to call from every test.
+    pub async fn install_crds(&self) {
+        let out = self.kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=mailauth-tests",
+                "-f",
+                repo_root().join("crds").to_str().expect("utf-8 path"),
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "installing CRDs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client().await);
+        for name in ["maildomains.mailauth.dev", "mailrelays.mailauth.dev"] {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                await_condition(crds.clone(), name, conditions::is_crd_established()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not Established within 60 s"))
+            .expect("watching CRD");
+        }
+    }
+
+    /// Creates a fresh namespace named `<prefix>-<random>` for one test.
+    pub async fn namespace(&self, prefix: &str) -> TestNamespace {
+        let name = format!("{prefix}-{:08x}", fastrand::u32(..));
+        let api: Api<Namespace> = Api::all(self.client().await);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": name, "labels": { "mailauth.dev/test": prefix } }
+        }))
+        .expect("namespace manifest");
+        api.create(&PostParams::default(), &ns)
+            .await
+            .expect("creating namespace");
+        TestNamespace { name }
+    }
+
+    /// Applies a label to a namespace (server-side apply).
+    pub async fn label_namespace(&self, namespace: &str, key: &str, value: &str) {
+        let api: Api<Namespace> = Api::all(self.client().await);
+        let patch = serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": namespace, "labels": { key: value } }
+        });
+        api.patch(
+            namespace,
+            &PatchParams::apply("mailauth-tests"),
+            &Patch::Apply(patch),
+        )
+        .await
+        .expect("labelling namespace");
+    }
+}
+
+/// A namespace owned by one test. Deleted (in the background) when dropped
+/// only if the test passed, so a failing test leaves its objects to inspect.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub async fn delete(self) {
+        let api: Api<Namespace> = Api::all(cluster().client().await);
+        let _ = api.delete(&self.name, &DeleteParams::background()).await;
+    }
+}
+
+pub fn run_with_stdin(cmd: &mut Command, stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())
+            .expect("writing stdin");
+    }
+    child.wait_with_output().expect("waiting for child")
+}
