@@ -9,3 +9,4 @@ pub mod cli;
 pub mod controller;
 pub mod dkim;
 pub mod dns;
+pub mod telemetry;

@@ -250,6 +250,62 @@ fn default_messages_per_minute() -> u32 {
     600
 }
 
+impl AllowedNamespaces {
+    /// Whether a MailDomain in `namespace` (with these labels) may use a
+    /// relay in `relay_namespace`. `Err` says why not, for the tenant.
+    pub fn admits(
+        &self,
+        relay_namespace: &str,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        match self.from {
+            NamespacesFrom::All => Ok(()),
+            NamespacesFrom::Same if namespace == relay_namespace => Ok(()),
+            NamespacesFrom::Same => Err(format!(
+                "the relay admits only MailDomains in its own namespace {relay_namespace}"
+            )),
+            NamespacesFrom::Selector => {
+                let selector = self
+                    .selector
+                    .as_ref()
+                    .ok_or_else(|| "the relay's namespace selector is empty".to_string())?;
+                if selector_matches(selector, labels) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "namespace {namespace} does not match the relay's allowedNamespaces selector; ask the platform team to label it"
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Kubernetes label-selector semantics: every matchLabels pair and every
+/// matchExpressions requirement must hold.
+fn selector_matches(
+    selector: &LabelSelector,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let pairs = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let expressions = selector.match_expressions.iter().flatten().all(|req| {
+        let values = req.values.as_deref().unwrap_or_default();
+        match req.operator.as_str() {
+            "In" => labels.get(&req.key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(&req.key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(&req.key),
+            "DoesNotExist" => !labels.contains_key(&req.key),
+            _ => false,
+        }
+    });
+    pairs && expressions
+}
+
 impl Default for Listener {
     fn default() -> Self {
         Self {
@@ -268,5 +324,45 @@ impl Default for RelayLimits {
             max_connections: default_max_connections(),
             messages_per_minute: default_messages_per_minute(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn allowed(value: serde_json::Value) -> AllowedNamespaces {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn namespaces_are_admitted_as_gateway_listeners_do() {
+        let labels = BTreeMap::from([("mailauth.dev/relay".to_string(), "shared".to_string())]);
+        let none = BTreeMap::new();
+        let same = allowed(serde_json::json!({}));
+        assert!(same.admits("mail", "mail", &none).is_ok());
+        assert!(same.admits("mail", "tenant", &none).is_err());
+        assert!(
+            allowed(serde_json::json!({"from": "All"}))
+                .admits("mail", "tenant", &none)
+                .is_ok()
+        );
+        let by_label = allowed(
+            serde_json::json!({"from": "Selector", "selector": {"matchLabels": {"mailauth.dev/relay": "shared"}}}),
+        );
+        assert!(by_label.admits("mail", "tenant", &labels).is_ok());
+        assert!(
+            by_label
+                .admits("mail", "tenant", &none)
+                .unwrap_err()
+                .contains("does not match")
+        );
+        let by_expr = allowed(
+            serde_json::json!({"from": "Selector", "selector": {"matchExpressions": [
+            {"key": "mailauth.dev/relay", "operator": "In", "values": ["shared", "bulk"]}]}}),
+        );
+        assert!(by_expr.admits("mail", "tenant", &labels).is_ok());
+        assert!(by_expr.admits("mail", "tenant", &none).is_err());
     }
 }

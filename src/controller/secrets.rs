@@ -1,0 +1,168 @@
+//! The one place that builds the Secret holding a MailDomain's private keys:
+//! one PKCS#8 PEM entry per selector, `<selector>.pem`, owned by the
+//! MailDomain and labelled so the controller watches only its own Secrets.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+
+use crate::api::MailDomain;
+use crate::dkim::PrivateKeyPem;
+
+/// Label on every key Secret: the name of the MailDomain it belongs to.
+pub const MAILDOMAIN_LABEL: &str = "mailauth.dev/maildomain";
+/// Label selecting all Secrets this operator manages.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "mailauth-operator";
+
+const PEM_SUFFIX: &str = ".pem";
+
+/// The key Secret's name for a MailDomain.
+pub fn keys_secret_name(domain: &MailDomain) -> String {
+    format!("{}-dkim", domain.meta().name.as_deref().unwrap_or_default())
+}
+
+/// The Secret data key for a selector.
+pub fn entry_name(selector: &str) -> String {
+    format!("{selector}{PEM_SUFFIX}")
+}
+
+/// Selectors whose private key is stored in the Secret.
+pub fn stored_selectors(secret: &Secret) -> HashSet<String> {
+    secret
+        .data
+        .iter()
+        .flat_map(|data| data.keys())
+        .filter_map(|key| key.strip_suffix(PEM_SUFFIX))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The stored private key of a selector, if present.
+pub fn stored_key(secret: &Secret, selector: &str) -> Option<PrivateKeyPem> {
+    let bytes = secret.data.as_ref()?.get(&entry_name(selector))?;
+    PrivateKeyPem::from_secret_bytes(bytes.0.clone()).ok()
+}
+
+/// Whether a Secret of our name may be written by us: it carries our label
+/// (we created it, possibly for an earlier MailDomain of the same name that
+/// retained it) or is owned by this MailDomain.
+pub fn is_ours(secret: &Secret, domain: &MailDomain) -> bool {
+    let meta = &secret.metadata;
+    let owned = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| Some(&owner.uid) == domain.meta().uid.as_ref());
+    let labelled = meta
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(MAILDOMAIN_LABEL))
+        .is_some_and(|name| Some(name) == domain.meta().name.as_ref())
+        && meta
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(MANAGED_BY_LABEL))
+            .is_some_and(|by| by == MANAGED_BY);
+    owned || labelled
+}
+
+/// The key Secret holding exactly `entries` (selector → PEM), owned by the
+/// MailDomain when `owned` (the `Retain` policy drops the owner on deletion).
+pub fn keys_secret(
+    domain: &MailDomain,
+    entries: &BTreeMap<String, PrivateKeyPem>,
+    owned: bool,
+) -> Secret {
+    let owner: Option<OwnerReference> = if owned {
+        domain.controller_owner_ref(&())
+    } else {
+        None
+    };
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(keys_secret_name(domain)),
+            namespace: domain.meta().namespace.clone(),
+            labels: Some(BTreeMap::from([
+                (
+                    MAILDOMAIN_LABEL.to_string(),
+                    domain.meta().name.clone().unwrap_or_default(),
+                ),
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+            ])),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(
+            entries
+                .iter()
+                .map(|(selector, pem)| {
+                    (
+                        entry_name(selector),
+                        ByteString(pem.expose_secret().as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        ),
+        ..Secret::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MailDomainSpec;
+
+    fn domain() -> MailDomain {
+        let mut md = MailDomain::new(
+            "acme",
+            serde_json::from_value::<MailDomainSpec>(serde_json::json!({"domain": "acme.example"}))
+                .unwrap(),
+        );
+        md.metadata.namespace = Some("tenant".into());
+        md.metadata.uid = Some("uid-1".into());
+        md
+    }
+
+    #[test]
+    fn secret_round_trips_entries_and_is_recognised_as_ours() {
+        let md = domain();
+        let entries =
+            BTreeMap::from([("ma20261126a".to_string(), PrivateKeyPem::new("PEM".into()))]);
+        let secret = keys_secret(&md, &entries, true);
+        assert_eq!(secret.metadata.name.as_deref(), Some("acme-dkim"));
+        assert_eq!(
+            stored_selectors(&secret),
+            HashSet::from(["ma20261126a".to_string()])
+        );
+        assert_eq!(
+            stored_key(&secret, "ma20261126a").unwrap().expose_secret(),
+            "PEM"
+        );
+        assert!(is_ours(&secret, &md));
+        assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "uid-1");
+    }
+
+    #[test]
+    fn a_foreign_secret_of_the_same_name_is_not_ours() {
+        let md = domain();
+        let foreign = Secret {
+            metadata: ObjectMeta {
+                name: Some("acme-dkim".into()),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        };
+        assert!(!is_ours(&foreign, &md));
+    }
+
+    #[test]
+    fn retained_secret_has_no_owner() {
+        let secret = keys_secret(&domain(), &BTreeMap::new(), false);
+        assert!(secret.metadata.owner_references.is_none());
+    }
+}
