@@ -85,8 +85,13 @@ impl DnsMemo {
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let domains: Api<MailDomain> = Api::all(client.clone());
-    let owned_secrets: Api<Secret> = Api::all(client.clone());
+    let (domains, owned_secrets): (Api<MailDomain>, Api<Secret>) = match &ctx.settings.namespace {
+        Some(namespace) => (
+            Api::namespaced(client.clone(), namespace),
+            Api::namespaced(client.clone(), namespace),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let relays: Api<MailRelay> = Api::all(client);
     let controller = Controller::new(domains, watcher::Config::default().any_semantic())
         .with_config(ControllerConfig::default().concurrency(ctx.settings.concurrency));
@@ -322,6 +327,9 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
     }
 
     publish_changes(domain, &previous, &desired, plan.as_ref(), ctx).await;
+    ctx.writes
+        .reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
     let next_check = ctx
         .dns_memo
@@ -685,35 +693,47 @@ async fn publish_changes(
         )
         .await;
     }
-    for record in &desired.records {
-        let was_verified = previous.records.iter().any(|p| {
-            p.name == record.name && p.value == record.value && p.state == RecordState::Verified
-        });
-        if was_verified && matches!(record.state, RecordState::Missing | RecordState::Mismatch) {
-            let note = format!(
-                "{} {} was verified and is now {:?}: publish it again: \"{}\"",
-                record.type_, record.name, record.state, record.value
-            );
-            publish(
-                ctx,
-                domain,
-                EventType::Warning,
-                "RecordDisappeared",
-                "CheckDNS",
-                note,
-            )
-            .await;
-        } else if !was_verified && record.state == RecordState::Verified {
-            let note = format!("{} {} is published", record.type_, record.name);
-            publish(
-                ctx,
-                domain,
-                EventType::Normal,
-                "RecordVerified",
-                "CheckDNS",
-                note,
-            )
-            .await;
+    // A verdict that flips is news; a DNS error in between is not (it keeps
+    // the previous verdict), so compare conditions, not record states.
+    for type_ in [
+        ConditionType::DkimVerified,
+        ConditionType::SpfVerified,
+        ConditionType::DmarcVerified,
+    ] {
+        let before = Condition::find(&previous.conditions, type_).map(|c| c.status);
+        let Some(after) = Condition::find(&desired.conditions, type_) else {
+            continue;
+        };
+        match (before, after.status) {
+            (Some(ConditionStatus::True), ConditionStatus::False) => {
+                let note = format!(
+                    "{} is no longer verified: {}",
+                    type_.as_str(),
+                    after.message
+                );
+                publish(
+                    ctx,
+                    domain,
+                    EventType::Warning,
+                    "RecordDisappeared",
+                    "CheckDNS",
+                    note,
+                )
+                .await;
+            }
+            (before, ConditionStatus::True) if before != Some(ConditionStatus::True) => {
+                let note = format!("{}: {}", type_.as_str(), after.message);
+                publish(
+                    ctx,
+                    domain,
+                    EventType::Normal,
+                    "RecordVerified",
+                    "CheckDNS",
+                    note,
+                )
+                .await;
+            }
+            _ => {}
         }
     }
 }

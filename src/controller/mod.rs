@@ -52,6 +52,10 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "10m", value_parser = parse_std_duration)]
     pub dns_retry_max: Duration,
 
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long)]
+    pub namespace: Option<String>,
+
     /// Most MailDomains reconciled at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: u16,
@@ -65,6 +69,7 @@ impl Default for ControllerArgs {
             recheck_interval: Duration::from_secs(3600),
             dns_retry_min: Duration::from_secs(30),
             dns_retry_max: Duration::from_secs(600),
+            namespace: None,
             concurrency: 64,
         }
     }

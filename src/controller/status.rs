@@ -17,11 +17,21 @@ use super::FIELD_MANAGER;
 pub struct WriteCounter {
     pub status: AtomicU64,
     pub secrets: AtomicU64,
+    /// Reconciles that ran to the end, written or not.
+    pub reconciles: AtomicU64,
 }
 
 impl WriteCounter {
     pub fn status_writes(&self) -> u64 {
         self.status.load(Ordering::Relaxed)
+    }
+
+    pub fn secret_writes(&self) -> u64 {
+        self.secrets.load(Ordering::Relaxed)
+    }
+
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.load(Ordering::Relaxed)
     }
 }
 

@@ -1,0 +1,119 @@
+//! The operator run in-process against the real control plane, watching one
+//! test namespace, checking DNS against a test knot, on a clock the test
+//! moves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use kube::api::Api;
+use kube::runtime::wait::await_condition;
+use mailauth_operator::api::{Condition, ConditionStatus, ConditionType, MailDomain};
+use mailauth_operator::controller::{self, Context, ControllerArgs, ManualClock};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::cluster::cluster;
+
+pub struct Operator {
+    pub ctx: Arc<Context>,
+    pub clock: Arc<ManualClock>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Starts the MailDomain controller for `namespace`, asking `dns`.
+    pub async fn start(namespace: &str, dns: SocketAddr) -> Self {
+        let clock = Arc::new(ManualClock::new(Timestamp::now()));
+        let settings = ControllerArgs {
+            dns_servers: vec![dns],
+            namespace: Some(namespace.to_string()),
+            ..ControllerArgs::default()
+        };
+        let ctx = Arc::new(
+            Context::new(cluster().client().await, clock.clone(), settings)
+                .expect("building the controller context"),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller::maildomain::run(ctx.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            ctx,
+            clock,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Moves the injected clock; every MailDomain is then reconciled.
+    pub fn advance(&self, by: SignedDuration) {
+        self.clock.advance(by);
+    }
+
+    /// Stops the controller and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub fn status_writes(&self) -> u64 {
+        self.ctx.writes.status_writes()
+    }
+
+    pub fn reconciles(&self) -> u64 {
+        self.ctx.writes.reconciles()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Waits (bounded) until the MailDomain satisfies `check`; returns it.
+pub async fn wait_for(
+    api: &Api<MailDomain>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&MailDomain) -> bool,
+) -> MailDomain {
+    let found = tokio::time::timeout(
+        Duration::from_secs(90),
+        await_condition(api.clone(), name, move |md: Option<&MailDomain>| {
+            md.is_some_and(&check)
+        }),
+    )
+    .await;
+    match found {
+        Ok(Ok(Some(md))) => md,
+        _ => {
+            let now = api.get_opt(name).await.ok().flatten();
+            panic!(
+                "MailDomain {name}: timed out waiting for {what}; it is now:\n{}",
+                serde_yaml::to_string(&now.map(|md| md.status)).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The status of a condition of a MailDomain, if present.
+pub fn condition(md: &MailDomain, type_: ConditionType) -> Option<ConditionStatus> {
+    md.status
+        .as_ref()
+        .and_then(|s| Condition::find(&s.conditions, type_))
+        .map(|c| c.status)
+}
+
+pub fn is(md: &MailDomain, type_: ConditionType, status: ConditionStatus) -> bool {
+    condition(md, type_) == Some(status)
+}
