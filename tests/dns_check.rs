@@ -45,7 +45,7 @@ impl Keys {
 }
 
 fn dkim_value(key: &str) -> String {
-    format!("v=DKIM1; k=rsa; p={key}")
+    mailauth_operator::dkim::dkim_txt_value(KeyAlgorithm::Rsa, key)
 }
 
 /// One zone per scenario, under `test` (which is served too: checkdmarc

@@ -234,10 +234,13 @@ pub fn render_text(report: &DomainReport) -> String {
     }
     let spf = &report.spf;
     lines.push(format!(
-        "  SPF: {} [{}/10 DNS lookups, {}/2 void lookups]",
-        spf.verdict.summary(),
-        spf.dns_lookups,
-        spf.void_lookups
+        "  SPF at {}: {}",
+        spf.domain,
+        spf.verdict.summary()
+    ));
+    lines.push(format!(
+        "    {}/10 DNS lookups, {}/2 void lookups",
+        spf.dns_lookups, spf.void_lookups
     ));
     if let (Some(record), Verdict::Verified) = (&spf.record, &spf.verdict) {
         lines.push(format!("    record: {record}"));

@@ -10,6 +10,7 @@ use super::resolver::DnsLookup;
 
 /// The check of one selector.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DkimOutcome {
     pub selector: String,
     /// Where the record was looked up.

@@ -14,6 +14,7 @@ use super::resolver::DnsLookup;
 
 /// The check of a domain's DMARC record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DmarcOutcome {
     /// Where the record was looked up.
     pub name: String,

@@ -118,6 +118,7 @@ pub struct SelectorCheck {
 
 /// Everything found about one domain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DomainReport {
     pub domain: String,
     pub dkim: Vec<DkimOutcome>,

@@ -23,12 +23,10 @@ use serde::Serialize;
 
 use super::Verdict;
 use crate::api::{
-    DkimKeyStatus, DmarcPolicy, DnsRecordStatus, KeyAlgorithm, KeyState, MailDomainSpec,
-    RecordState, SpfAuthorization,
+    DkimKeyStatus, DmarcPolicy, DnsRecordStatus, KeyState, MailDomainSpec, RecordState,
+    SpfAuthorization,
 };
-
-/// Longest character-string a TXT record can hold (RFC 1035 3.3).
-pub const MAX_TXT_STRING_BYTES: usize = 255;
+use crate::dkim::{dkim_txt_value, split_txt};
 
 /// The record types we ask tenants to publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -109,7 +107,7 @@ pub struct ExpectedRecord {
 impl ExpectedRecord {
     fn txt(name: String, value: String, purpose: Purpose, requirement: Requirement) -> Self {
         Self {
-            strings: split_txt_value(&value),
+            strings: split_txt(&value),
             name,
             record_type: RecordType::Txt,
             value,
@@ -161,7 +159,7 @@ pub fn expected_records(
             };
             ExpectedRecord::txt(
                 dkim_record_name(&key.selector, domain),
-                dkim_value(key.algorithm, &key.public_key),
+                dkim_txt_value(key.algorithm, &key.public_key),
                 Purpose::Dkim,
                 requirement,
             )
@@ -221,15 +219,6 @@ pub fn dmarc_record_name(domain: &str) -> String {
     format!("_dmarc.{domain}")
 }
 
-/// `v=DKIM1; k=rsa; p=...` (RFC 6376) or `k=ed25519` (RFC 8463).
-pub fn dkim_value(algorithm: KeyAlgorithm, public_key: &str) -> String {
-    let k = match algorithm {
-        KeyAlgorithm::Rsa => "rsa",
-        KeyAlgorithm::Ed25519 => "ed25519",
-    };
-    format!("v=DKIM1; k={k}; p={public_key}")
-}
-
 /// An SPF record that authorizes the relay and soft-fails everyone else.
 pub fn spf_value(authorization: &SpfAuthorization) -> String {
     let mut terms = vec!["v=spf1".to_string()];
@@ -275,24 +264,6 @@ fn policy_name(policy: DmarcPolicy) -> &'static str {
         DmarcPolicy::Quarantine => "quarantine",
         DmarcPolicy::Reject => "reject",
     }
-}
-
-/// Splits a TXT value into character-strings of at most 255 bytes, never
-/// inside a UTF-8 character. Receivers join them without separators.
-pub fn split_txt_value(value: &str) -> Vec<String> {
-    let mut strings = Vec::new();
-    let mut rest = value;
-    while rest.len() > MAX_TXT_STRING_BYTES {
-        let mut cut = MAX_TXT_STRING_BYTES;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let (head, tail) = rest.split_at(cut);
-        strings.push(head.to_string());
-        rest = tail;
-    }
-    strings.push(rest.to_string());
-    strings
 }
 
 /// A record and what its check found (`None`: not checked).
@@ -362,7 +333,7 @@ pub fn record_statuses(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{DmarcSpec, DnsRecordStatus};
+    use crate::api::{DmarcSpec, DnsRecordStatus, KeyAlgorithm};
 
     fn spec(yaml: &str) -> MailDomainSpec {
         serde_yaml::from_str(yaml).unwrap()
@@ -512,19 +483,15 @@ mod tests {
     }
 
     #[test]
-    fn long_values_split_into_255_byte_strings_that_join_back() {
+    fn long_dkim_values_are_split_into_strings_that_join_back() {
         let public_key = "A".repeat(392);
-        let value = dkim_value(KeyAlgorithm::Rsa, &public_key);
-        let strings = split_txt_value(&value);
-        assert_eq!(strings.len(), 2);
-        assert_eq!(strings[0].len(), 255);
-        assert_eq!(strings.concat(), value);
-        assert_eq!(split_txt_value("short"), ["short"]);
-        assert_eq!(split_txt_value(&"x".repeat(510)).len(), 2);
-        // Never inside a multi-byte character.
-        let accented = "é".repeat(200);
-        assert!(split_txt_value(&accented).iter().all(|s| s.len() <= 255));
-        assert_eq!(split_txt_value(&accented).concat(), accented);
+        let keys = [key("s", KeyAlgorithm::Rsa, KeyState::Active, &public_key)];
+        let records = expected_records("acme.example", &spec("domain: acme.example"), &keys, None);
+        let dkim = &records[0];
+        assert_eq!(dkim.strings.len(), 2);
+        assert!(dkim.strings.iter().all(|s| s.len() <= 255));
+        assert_eq!(dkim.strings.concat(), dkim.value);
+        assert_eq!(records[1].strings, [records[1].value.clone()]);
     }
 
     #[test]

@@ -193,6 +193,7 @@ impl SpfProblem {
 
 /// How one relay address fares.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AddressResult {
     pub ip: IpAddr,
     pub result: SpfResult,
@@ -200,6 +201,7 @@ pub struct AddressResult {
 
 /// The check of a domain's SPF record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SpfOutcome {
     pub domain: String,
     pub verdict: Verdict,

@@ -85,13 +85,9 @@ impl Zone {
 
 /// `"part1" "part2"`: a TXT value as zone-file character-strings.
 pub fn txt_data(value: &str) -> String {
-    let bytes = value.as_bytes();
-    bytes
-        .chunks(255)
-        .map(|chunk| {
-            let text = String::from_utf8_lossy(chunk);
-            format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
-        })
+    mailauth_operator::dkim::split_txt(value)
+        .iter()
+        .map(|part| format!("\"{}\"", part.replace('\\', "\\\\").replace('"', "\\\"")))
         .collect::<Vec<_>>()
         .join(" ")
 }
