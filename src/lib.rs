@@ -9,4 +9,5 @@ pub mod cli;
 pub mod controller;
 pub mod dkim;
 pub mod dns;
+pub mod relay;
 pub mod telemetry;
