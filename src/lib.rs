@@ -4,6 +4,7 @@
 //! The domain logic lives in pure modules (`dkim`, `dns`) that know nothing
 //! of the cluster; `controller` and `cli` are thin shells around them.
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod controller;

@@ -25,11 +25,12 @@ use kube::{Resource, ResourceExt};
 
 use super::conditions::{DomainFacts, KeysProblem, RelayFacts, conditions};
 use super::secrets::{self, MANAGED_BY, MANAGED_BY_LABEL};
-use super::status::{WriteCounter, write_if_changed};
+use super::status::write_if_changed;
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{
-    Condition, ConditionStatus, ConditionType, DeletionPolicy, DnsRecordStatus, MailDomain,
-    MailDomainStatus, MailRelay, NamespacesFrom, ROTATE_ANNOTATION, RecordState, SpfAuthorization,
+    Condition, ConditionStatus, ConditionType, DeletionPolicy, DnsRecordStatus, KeyState,
+    MailDomain, MailDomainStatus, MailRelay, NamespacesFrom, ROTATE_ANNOTATION, RecordState,
+    SpfAuthorization,
 };
 use crate::dkim::{
     self, DnsVerdict, GeneratedKey, PrivateKeyPem, RotationEvent, RotationInput, RotationPlan,
@@ -139,7 +140,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .await;
 }
 
-fn error_policy(domain: Arc<MailDomain>, error: &Error, _rec: Arc<Reconciler>) -> Action {
+fn error_policy(domain: Arc<MailDomain>, error: &Error, rec: Arc<Reconciler>) -> Action {
+    let label = crate::telemetry::ReasonLabel {
+        reason: error.reason().to_string(),
+    };
+    rec.ctx.metrics.reconcile_errors.get_or_create(&label).inc();
     tracing::warn!(maildomain = %domain.name_any(), namespace = ?domain.namespace(), reason = error.reason(), error = %error, "reconcile failed");
     Action::requeue(Duration::from_secs(15))
 }
@@ -207,6 +212,9 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
             private_keys_present: &stored,
         })?;
         if !plan.generate.is_empty() {
+            if !previous_dkim.keys.is_empty() {
+                ctx.metrics.rotations.inc();
+            }
             match generate_and_store(domain, &plan, secret.as_ref(), &secrets_api, ctx).await {
                 Ok(keys) => generated = keys,
                 Err(err) => {
@@ -310,7 +318,14 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
         credentials_secret: previous.credentials_secret.clone(),
     };
     let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &namespace);
-    write_if_changed(&api, domain, domain.status.as_ref(), &desired, &ctx.writes).await?;
+    write_if_changed(
+        &api,
+        domain,
+        domain.status.as_ref(),
+        &desired,
+        &ctx.metrics.status_writes,
+    )
+    .await?;
 
     // Only now that status says Retired may the private keys go.
     if let (Some(plan), Some(secret)) = (&plan, &secret)
@@ -327,9 +342,8 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
     }
 
     publish_changes(domain, &previous, &desired, plan.as_ref(), ctx).await;
-    ctx.writes
-        .reconciles
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.reconciles.inc();
+    record_key_states(domain, &desired, ctx);
 
     let next_check = ctx
         .dns_memo
@@ -395,6 +409,14 @@ async fn dns_outcomes(
         return memo.outcomes;
     }
     let outcomes = dns::check_records(&ctx.dns, expected).await;
+    for outcome in &outcomes {
+        if let Some(verdict) = &outcome.verdict {
+            let label = crate::telemetry::ResultLabel {
+                result: format!("{:?}", verdict.record_state()),
+            };
+            ctx.metrics.dns_checks.get_or_create(&label).inc();
+        }
+    }
     let next_check = now + next_check_delay(&outcomes, previous, now, ctx);
     ctx.dns_memo.put(
         key,
@@ -476,6 +498,7 @@ async fn generate_and_store(
         let request = request.clone();
         let generation = request.generation;
         let key = tokio::task::spawn_blocking(move || dkim::generate(&request)).await??;
+        ctx.metrics.keys_generated.inc();
         generated.push((key, generation));
     }
     let mut entries: BTreeMap<String, PrivateKeyPem> = secret
@@ -506,9 +529,7 @@ async fn apply_secret(
         &Patch::Apply(&secret),
     )
     .await?;
-    ctx.writes
-        .secrets
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.secret_writes.inc();
     Ok(())
 }
 
@@ -758,7 +779,25 @@ async fn publish(
     }
 }
 
-/// Counters of the writes this controller made (for tests and benchmarks).
-pub fn writes(ctx: &Context) -> &WriteCounter {
-    &ctx.writes
+/// Keeps the keys-by-state gauge in step with this domain's keys.
+fn record_key_states(domain: &MailDomain, desired: &MailDomainStatus, ctx: &Context) {
+    let count = |status: Option<&MailDomainStatus>, state| {
+        status.and_then(|s| s.dkim.as_ref()).map_or(0, |d| {
+            d.keys.iter().filter(|k| k.state == state).count() as i64
+        })
+    };
+    for state in [
+        KeyState::Pending,
+        KeyState::Active,
+        KeyState::Retiring,
+        KeyState::Retired,
+    ] {
+        let delta = count(Some(desired), state) - count(domain.status.as_ref(), state);
+        if delta != 0 {
+            let label = crate::telemetry::KeyStateLabel {
+                state: format!("{state:?}"),
+            };
+            ctx.metrics.keys.get_or_create(&label).inc_by(delta);
+        }
+    }
 }

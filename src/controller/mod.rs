@@ -9,20 +9,24 @@
 
 pub mod clock;
 pub mod conditions;
+pub mod leader;
 pub mod maildomain;
 pub mod secrets;
 pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::Args;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
 use crate::dns::{DnsResolver, ResolverError, ResolverSettings};
+use crate::telemetry::ControllerMetrics;
 pub use clock::{Clock, ManualClock, SystemClock};
 
 /// The field manager for everything this operator writes (server-side apply).
@@ -59,6 +63,27 @@ pub struct ControllerArgs {
     /// Most MailDomains reconciled at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: u16,
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+
+    /// Run only while holding the leader Lease, so that of several replicas
+    /// exactly one writes.
+    #[arg(long)]
+    pub leader_election: bool,
+
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "mailauth-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the leader Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// This replica's identity in the Lease (in a pod: its name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 impl Default for ControllerArgs {
@@ -71,6 +96,11 @@ impl Default for ControllerArgs {
             dns_retry_max: Duration::from_secs(600),
             namespace: None,
             concurrency: 64,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            leader_election: false,
+            lease_name: "mailauth-operator".into(),
+            lease_namespace: "default".into(),
+            identity: None,
         }
     }
 }
@@ -112,6 +142,12 @@ pub enum Error {
     Finalizer(String),
     #[error("serializing: {0}")]
     Serialization(#[from] serde_json::Error),
+    #[error("leader election: {0}")]
+    LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("lost the leader Lease; exiting so that a fresh process rejoins as a follower")]
+    LostLeadership,
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
 }
 
 impl Error {
@@ -125,6 +161,8 @@ impl Error {
             Self::KeyGeneration(_) | Self::KeyGenerationTask(_) => "KeyGenerationFailed",
             Self::Finalizer(_) => "FinalizerError",
             Self::Serialization(_) => "SerializationError",
+            Self::LeaderElection(_) | Self::LostLeadership => "LeaderElection",
+            Self::Admin(_) => "AdminServer",
         }
     }
 }
@@ -141,7 +179,7 @@ pub struct Context {
     pub key_generation: Semaphore,
     pub settings: ControllerArgs,
     pub dns_memo: maildomain::DnsMemo,
-    pub writes: status::WriteCounter,
+    pub metrics: Arc<ControllerMetrics>,
 }
 
 impl Context {
@@ -149,6 +187,7 @@ impl Context {
         client: Client,
         clock: Arc<dyn Clock>,
         settings: ControllerArgs,
+        metrics: Arc<ControllerMetrics>,
     ) -> Result<Self, Error> {
         let dns = DnsResolver::new(&ResolverSettings {
             servers: settings.dns_servers.clone(),
@@ -168,20 +207,67 @@ impl Context {
             key_generation: Semaphore::new(cores),
             settings,
             dns_memo: maildomain::DnsMemo::default(),
-            writes: status::WriteCounter::default(),
+            metrics,
         })
     }
 }
 
-/// Runs the operator until SIGTERM or Ctrl-C.
+/// Runs the operator until SIGTERM or Ctrl-C: the admin server at once,
+/// the controllers only while this replica leads (with `--leader-election`).
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     crate::telemetry::init();
     let client = Client::try_default().await?;
-    let context = Arc::new(Context::new(client, Arc::new(SystemClock), args)?);
+    let mut registry = Registry::default();
+    let metrics = ControllerMetrics::register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(crate::admin::serve(
+        args.metrics_listen,
+        Arc::new(registry),
+        ready.clone(),
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
+
+    let leadership = if args.leader_election {
+        Some(leader::acquire(client.clone(), &args, &metrics, &ready).await?)
+    } else {
+        None
+    };
+    ready.store(true, Ordering::Relaxed);
+    metrics.is_leader.set(1);
+
+    let context = Arc::new(Context::new(client, Arc::new(SystemClock), args, metrics)?);
     tracing::info!("starting the MailDomain controller");
-    maildomain::run(context, shutdown_signal()).await;
+    let outcome = match leadership {
+        Some(mut lease) => {
+            let lost = Arc::new(AtomicBool::new(false));
+            let flag = lost.clone();
+            let stop = async move {
+                tokio::select! {
+                    () = shutdown_signal() => {},
+                    () = lease.lost() => flag.store(true, Ordering::Relaxed),
+                }
+            };
+            maildomain::run(context, stop).await;
+            if lost.load(Ordering::Relaxed) {
+                Err(Error::LostLeadership)
+            } else {
+                Ok(())
+            }
+        }
+        None => {
+            maildomain::run(context, shutdown_signal()).await;
+            Ok(())
+        }
+    };
     tracing::info!("stopped");
-    Ok(())
+    let _ = stop_admin.send(());
+    if let Ok(Err(err)) = admin.await {
+        return Err(Error::Admin(err));
+    }
+    outcome
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.

@@ -3,37 +3,15 @@
 //! that finds nothing new writes nothing (GitOps tools see no churn).
 
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::FIELD_MANAGER;
-
-/// Counts the writes this process made, for tests and benchmarks.
-#[derive(Default, Debug)]
-pub struct WriteCounter {
-    pub status: AtomicU64,
-    pub secrets: AtomicU64,
-    /// Reconciles that ran to the end, written or not.
-    pub reconciles: AtomicU64,
-}
-
-impl WriteCounter {
-    pub fn status_writes(&self) -> u64 {
-        self.status.load(Ordering::Relaxed)
-    }
-
-    pub fn secret_writes(&self) -> u64 {
-        self.secrets.load(Ordering::Relaxed)
-    }
-
-    pub fn reconciles(&self) -> u64 {
-        self.reconciles.load(Ordering::Relaxed)
-    }
-}
 
 /// Applies `desired` as the status of `obj` unless it equals `current`.
 /// Returns whether it wrote.
@@ -42,7 +20,7 @@ pub async fn write_if_changed<K, S>(
     obj: &K,
     current: Option<&S>,
     desired: &S,
-    counter: &WriteCounter,
+    writes: &Counter<u64, AtomicU64>,
 ) -> Result<bool, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
@@ -62,6 +40,6 @@ where
         &Patch::Apply(&patch),
     )
     .await?;
-    counter.status.fetch_add(1, Ordering::Relaxed);
+    writes.inc();
     Ok(true)
 }

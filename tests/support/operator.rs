@@ -11,6 +11,7 @@ use kube::api::Api;
 use kube::runtime::wait::await_condition;
 use mailauth_operator::api::{Condition, ConditionStatus, ConditionType, MailDomain};
 use mailauth_operator::controller::{self, Context, ControllerArgs, ManualClock};
+use mailauth_operator::telemetry::ControllerMetrics;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -32,8 +33,10 @@ impl Operator {
             namespace: Some(namespace.to_string()),
             ..ControllerArgs::default()
         };
+        let metrics =
+            ControllerMetrics::register(&mut prometheus_client::registry::Registry::default());
         let ctx = Arc::new(
-            Context::new(cluster().client().await, clock.clone(), settings)
+            Context::new(cluster().client().await, clock.clone(), settings, metrics)
                 .expect("building the controller context"),
         );
         let (stop, stopped) = oneshot::channel::<()>();
@@ -64,11 +67,11 @@ impl Operator {
     }
 
     pub fn status_writes(&self) -> u64 {
-        self.ctx.writes.status_writes()
+        self.ctx.metrics.status_writes.get()
     }
 
     pub fn reconciles(&self) -> u64 {
-        self.ctx.writes.reconciles()
+        self.ctx.metrics.reconciles.get()
     }
 }
 
