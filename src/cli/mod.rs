@@ -33,6 +33,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Print the DNS records a MailDomain manifest needs, as zone-file lines.
     Records(records::RecordsArgs),
+    /// Run the signing SMTP relay with a mounted config directory.
+    Relay(crate::relay::RelayArgs),
 }
 
 /// Errors a subcommand reports to the user.
@@ -53,6 +55,8 @@ pub enum CliError {
     Check(#[from] check::CheckError),
     #[error(transparent)]
     Records(#[from] records::RecordsError),
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
@@ -67,6 +71,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Check(args) => Ok(check::run(args)?),
         Command::Records(args) => Ok(records::run(args)?),
+        Command::Relay(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(CliError::Runtime)?;
+            runtime.block_on(crate::relay::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Controller(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

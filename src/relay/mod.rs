@@ -1,3 +1,236 @@
-//! The signing relay: SMTP submission, tenant AUTH, sender policy, DKIM signing, forwarding.
+//! The signing relay: SMTP submission, tenant AUTH, sender policy, DKIM
+//! signing, forwarding.
+//!
+//! Pure core: [`policy`] (who may send as what), [`address`] and
+//! [`message`] (reading headers without changing them), [`auth`]
+//! (credential hashes), [`rate_limit`], [`snapshot`] (the merged config).
+//! Shells: [`session`] (one SMTP conversation), [`server`] (listener, TLS,
+//! connection limit), [`upstream`] (mail-send client and pool), [`reload`]
+//! (config directory polling), [`metrics`].
 
+pub mod address;
+pub mod auth;
 pub mod config;
+pub mod message;
+pub mod metrics;
+pub mod policy;
+pub mod rate_limit;
+pub mod reload;
+pub mod server;
+pub mod session;
+pub mod signing;
+pub mod snapshot;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use clap::Args;
+use prometheus_client::registry::Registry;
+
+pub use auth::hash_password;
+
+use crate::controller::parse_std_duration;
+
+/// Settings of `mailauth-operator relay`.
+#[derive(Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// The mounted config Secret: `relay.json` and `domains-*.json`.
+    /// Re-read when it changes, without a restart.
+    #[arg(long)]
+    pub config_dir: PathBuf,
+
+    /// Where SMTP submission is served.
+    #[arg(long, default_value = "0.0.0.0:587")]
+    pub listen: SocketAddr,
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_listen: SocketAddr,
+
+    /// PEM certificate chain offered by STARTTLS (e.g. `tls.crt` of a
+    /// cert-manager Secret). Without it STARTTLS is not offered.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// How long a client may take to send a command.
+    #[arg(long, default_value = "5m", value_parser = parse_std_duration)]
+    pub command_timeout: Duration,
+
+    /// How long a client may pause while sending message data.
+    #[arg(long, default_value = "3m", value_parser = parse_std_duration)]
+    pub data_timeout: Duration,
+
+    /// Timeout of each exchange with the upstream.
+    #[arg(long, default_value = "60s", value_parser = parse_std_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Idle upstream connections kept open for reuse.
+    #[arg(long, default_value_t = 64)]
+    pub upstream_pool_size: usize,
+
+    /// How often the config directory is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_std_duration)]
+    pub reload_interval: Duration,
+}
+
+/// Everything that stops the relay or a config from loading.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("reading relay config {path}: {source}")]
+    ConfigRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing relay config {path}: {source}")]
+    ConfigParse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("domain {domain} appears in more than one shard of the relay config")]
+    DuplicateDomain { domain: String },
+    #[error("tenant {username} appears more than once in the relay config")]
+    DuplicateTenant { username: String },
+    #[error("the password hash of tenant {username} is malformed; regenerate its credentials")]
+    InvalidPasswordHash { username: String },
+    #[error("domain {domain} has no signing key in the relay config")]
+    NoSigningKey { domain: String },
+    #[error("the signing key {selector} of {domain} cannot be used: {source}")]
+    SigningKey {
+        domain: String,
+        selector: String,
+        source: crate::dkim::KeyError,
+    },
+    #[error("TLS certificate {cert}: {reason}")]
+    Tls { cert: PathBuf, reason: String },
+    #[error("setting up the upstream TLS client: {0}")]
+    UpstreamTls(String),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Runs the relay until SIGTERM or Ctrl-C, then lets open sessions finish
+/// (up to the command timeout).
+pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
+    crate::telemetry::init();
+    let mut registry = Registry::default();
+    let metrics = metrics::RelayMetrics::register(&mut registry);
+    let store = Arc::new(reload::ConfigStore::default());
+
+    let known = {
+        let (dir, store, metrics) = (args.config_dir.clone(), store.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || reload::initial_load(&dir, &store, &metrics))
+            .await
+            .unwrap_or_default()
+    };
+    if !store
+        .loaded_flag()
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(dir = %args.config_dir.display(), "no valid relay config yet; waiting for one");
+    }
+
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let upstream = upstream::Upstream::new(args.upstream_timeout, args.upstream_pool_size)
+        .map_err(RelayError::UpstreamTls)?;
+    let context = Arc::new(session::SessionContext {
+        upstream: Arc::new(upstream),
+        rate_limiter: Arc::new(rate_limit::RateLimiter::default()),
+        metrics: metrics.clone(),
+        tls,
+        timeouts: session::Timeouts {
+            command: args.command_timeout,
+            data: args.data_timeout,
+        },
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| RelayError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    tracing::info!(addr = %args.listen, starttls = context.tls.is_some(), "relay listening");
+
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(crate::admin::serve(
+        args.admin_listen,
+        Arc::new(registry),
+        store.loaded_flag(),
+        async move {
+            let _ = admin_stopped.await;
+        },
+    ));
+    let watcher = tokio::spawn(reload::watch(
+        args.config_dir.clone(),
+        known,
+        args.reload_interval,
+        store.clone(),
+        metrics,
+    ));
+    let active = Arc::new(AtomicUsize::new(0));
+    let accepting = tokio::spawn(server::accept_loop(
+        listener,
+        store,
+        context,
+        active.clone(),
+    ));
+
+    let result = tokio::select! {
+        () = shutdown_signal() => Ok(()),
+        admin_result = admin => match admin_result {
+            Ok(Err(error)) => Err(RelayError::Admin(error)),
+            _ => Ok(()),
+        },
+    };
+    accepting.abort();
+    watcher.abort();
+    let _ = stop_admin.send(());
+    drain(&active, args.command_timeout).await;
+    result
+}
+
+/// Waits until open sessions end, at most `limit`.
+async fn drain(active: &AtomicUsize, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while active.load(std::sync::atomic::Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
