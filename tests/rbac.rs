@@ -1,0 +1,542 @@
+//! The chart's RBAC, proven on the real API server: the chart is installed
+//! into a namespace of its own and `kubectl auth can-i` impersonates its
+//! ServiceAccount (with the groups a real token of it carries). Everything
+//! the operator does is allowed; what it has no business doing is denied.
+//!
+//! Two decisions the matrix pins down:
+//! - **Secrets are cluster-wide.** DKIM keys and SMTP credentials live next
+//!   to each tenant's MailDomain, relay config next to each MailRelay, in
+//!   namespaces the operator cannot know in advance, and RBAC cannot narrow
+//!   a list or watch to the operator's `managed-by` label. So reading
+//!   Secrets in any namespace (kube-system included) is allowed; `update` is
+//!   not, because every write is a server-side apply or a merge patch.
+//! - **MailDomain spec.** Adding and removing the finalizer is a `patch` of
+//!   the MailDomain itself, and RBAC cannot tell a metadata patch from a spec
+//!   patch, so `patch` is allowed and "never writes spec" is a property of
+//!   the code (status goes through the status subresource, the finalizer is
+//!   its only metadata write). `update`, `create` and `delete` are denied.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::cluster::{Cluster, TestNamespace, cluster};
+
+/// A tenant namespace for namespaced questions; it need not exist.
+const TENANT: &str = "tenant-a";
+
+/// One `kubectl auth can-i` question.
+struct Ask {
+    verb: &'static str,
+    /// `resource.group`, optionally `/name`.
+    resource: String,
+    subresource: Option<&'static str>,
+    /// `None`: every namespace (or a cluster-scoped resource).
+    namespace: Option<String>,
+    /// Why the operator needs it, or why it must not have it.
+    why: &'static str,
+}
+
+fn ask(
+    verb: &'static str,
+    resource: impl Into<String>,
+    namespace: Option<&str>,
+    why: &'static str,
+) -> Ask {
+    Ask {
+        verb,
+        resource: resource.into(),
+        subresource: None,
+        namespace: namespace.map(str::to_owned),
+        why,
+    }
+}
+
+fn ask_subresource(
+    verb: &'static str,
+    resource: &str,
+    subresource: &'static str,
+    namespace: Option<&str>,
+    why: &'static str,
+) -> Ask {
+    Ask {
+        subresource: Some(subresource),
+        ..ask(verb, resource, namespace, why)
+    }
+}
+
+impl std::fmt::Display for Ask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.verb, self.resource)?;
+        if let Some(sub) = self.subresource {
+            write!(f, " --subresource={sub}")?;
+        }
+        match &self.namespace {
+            Some(ns) => write!(f, " -n {ns}")?,
+            None => write!(f, " -A")?,
+        }
+        write!(f, " ({})", self.why)
+    }
+}
+
+/// The chart, installed as release `release` in its own namespace.
+struct Installed {
+    ns: TestNamespace,
+    service_account: String,
+    lease: String,
+}
+
+fn helm(c: &Cluster, args: &[&str]) -> Output {
+    Command::new(c.bin.join("helm"))
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(args)
+        .output()
+        .expect("running helm")
+}
+
+async fn install_chart(prefix: &str) -> Installed {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace(prefix).await;
+    // Named after the namespace: its ClusterRole is then unique too.
+    let release = ns.name.clone();
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/mailauth-operator");
+    let out = helm(
+        c,
+        &[
+            "install",
+            &release,
+            chart.to_str().expect("utf-8 path"),
+            "--namespace",
+            &ns.name,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fullname = format!("{release}-mailauth-operator");
+    Installed {
+        ns,
+        service_account: fullname.clone(),
+        lease: fullname,
+    }
+}
+
+impl Installed {
+    /// Whether the ServiceAccount may do `question`, as the API server's
+    /// authorizer answers for a token of that ServiceAccount.
+    fn can(&self, question: &Ask) -> bool {
+        let user = format!(
+            "--as=system:serviceaccount:{}:{}",
+            self.ns.name, self.service_account
+        );
+        let namespace_group = format!("--as-group=system:serviceaccounts:{}", self.ns.name);
+        let mut args = vec![
+            "auth",
+            "can-i",
+            question.verb,
+            &question.resource,
+            &user,
+            "--as-group=system:serviceaccounts",
+            &namespace_group,
+            "--as-group=system:authenticated",
+        ];
+        let subresource = question.subresource.map(|s| format!("--subresource={s}"));
+        if let Some(sub) = &subresource {
+            args.push(sub);
+        }
+        match &question.namespace {
+            Some(ns) => args.extend(["--namespace", ns]),
+            None => args.push("--all-namespaces"),
+        }
+        let out = cluster().kubectl(&args, None);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        match (out.status.code(), answer.as_str()) {
+            (Some(0), "yes") => true,
+            (Some(1), "no") => false,
+            _ => panic!(
+                "kubectl auth can-i {question}: {} {answer} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    /// Waits until the RBAC authorizer has seen the chart's bindings (it
+    /// works from a watch cache, so a fresh binding takes a moment).
+    fn await_bindings(&self) {
+        let probes = [
+            ask(
+                "watch",
+                "maildomains.mailauth.dev",
+                None,
+                "ClusterRoleBinding",
+            ),
+            ask(
+                "create",
+                "leases.coordination.k8s.io",
+                Some(&self.ns.name),
+                "RoleBinding",
+            ),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !probes.iter().all(|p| self.can(p)) {
+            assert!(
+                Instant::now() < deadline,
+                "the chart's bindings never took effect"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    async fn uninstall(self) {
+        let out = helm(
+            cluster(),
+            &["uninstall", &self.ns.name, "--namespace", &self.ns.name],
+        );
+        assert!(
+            out.status.success(),
+            "helm uninstall: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.ns.delete().await;
+    }
+}
+
+/// Everything the operator does (see `src/controller/`).
+fn what_the_operator_does(release_ns: &str, lease: &str) -> Vec<Ask> {
+    let md = "maildomains.mailauth.dev";
+    let mr = "mailrelays.mailauth.dev";
+    let lease_by_name = format!("leases.coordination.k8s.io/{lease}");
+    let mut asks = Vec::new();
+    for verb in ["get", "list", "watch"] {
+        asks.push(ask(verb, md, None, "MailDomains are watched cluster-wide"));
+        asks.push(ask(
+            verb,
+            mr,
+            None,
+            "MailRelays admit domains and are rendered",
+        ));
+        asks.push(ask(
+            verb,
+            "secrets",
+            None,
+            "owned Secrets are watched cluster-wide",
+        ));
+        asks.push(ask(
+            verb,
+            "namespaces",
+            None,
+            "namespace labels for relay admission",
+        ));
+        asks.push(ask(
+            verb,
+            "deployments.apps",
+            None,
+            "relay Deployments are owned",
+        ));
+        asks.push(ask(verb, "services", None, "relay Services are owned"));
+    }
+    asks.extend([
+        ask("patch", md, None, "adding and removing the finalizer"),
+        ask_subresource("patch", md, "status", None, "status by server-side apply"),
+        ask_subresource("patch", mr, "status", None, "status by server-side apply"),
+        ask_subresource(
+            "update",
+            md,
+            "finalizers",
+            None,
+            "blockOwnerDeletion on owned Secrets",
+        ),
+        ask_subresource(
+            "update",
+            mr,
+            "finalizers",
+            None,
+            "blockOwnerDeletion on relay objects",
+        ),
+        ask(
+            "get",
+            "secrets",
+            Some("kube-system"),
+            "by design: Secrets are cluster-wide",
+        ),
+    ]);
+    for verb in ["create", "patch", "delete"] {
+        asks.push(ask(
+            verb,
+            "secrets",
+            Some(TENANT),
+            "keys and SMTP credentials",
+        ));
+        asks.push(ask(
+            verb,
+            "deployments.apps",
+            Some(TENANT),
+            "relay Deployments",
+        ));
+        asks.push(ask(verb, "services", Some(TENANT), "relay Services"));
+    }
+    for verb in ["create", "patch"] {
+        asks.push(ask(
+            verb,
+            "events.events.k8s.io",
+            Some(TENANT),
+            "Events for tenants",
+        ));
+        asks.push(ask(verb, "events", Some(TENANT), "core Events"));
+    }
+    asks.push(ask(
+        "create",
+        "leases.coordination.k8s.io",
+        Some(release_ns),
+        "the first replica creates the Lease",
+    ));
+    for verb in ["get", "update", "patch"] {
+        asks.push(ask(
+            verb,
+            lease_by_name.clone(),
+            Some(release_ns),
+            "holding the Lease",
+        ));
+    }
+    asks
+}
+
+/// What the operator never needs: a compromised operator must not be able
+/// to run code in pods, take over the cluster, or rewrite tenants' objects.
+fn what_the_operator_must_not_do(release_ns: &str, lease: &str) -> Vec<Ask> {
+    let md = "maildomains.mailauth.dev";
+    let mr = "mailrelays.mailauth.dev";
+    let mut asks = vec![
+        ask("*", "*", None, "no wildcard"),
+        ask_subresource("create", "pods", "exec", Some(TENANT), "no code execution"),
+        ask_subresource(
+            "create",
+            "pods",
+            "exec",
+            Some(release_ns),
+            "no code execution",
+        ),
+        ask("create", "pods", Some(TENANT), "pods come from Deployments"),
+        ask("list", "pods", None, "pods are not read"),
+        ask("get", "nodes", None, "nodes are none of its business"),
+        ask("patch", "nodes", None, "nodes are none of its business"),
+        ask(
+            "create",
+            "clusterroles.rbac.authorization.k8s.io",
+            None,
+            "no RBAC writes",
+        ),
+        ask(
+            "escalate",
+            "clusterroles.rbac.authorization.k8s.io",
+            None,
+            "no escalation",
+        ),
+        ask(
+            "bind",
+            "clusterroles.rbac.authorization.k8s.io",
+            None,
+            "no escalation",
+        ),
+        ask(
+            "create",
+            "clusterrolebindings.rbac.authorization.k8s.io",
+            None,
+            "no RBAC writes",
+        ),
+        ask(
+            "create",
+            "rolebindings.rbac.authorization.k8s.io",
+            Some(TENANT),
+            "no RBAC writes",
+        ),
+        ask(
+            "escalate",
+            "roles.rbac.authorization.k8s.io",
+            Some(release_ns),
+            "no escalation",
+        ),
+        ask("impersonate", "users", None, "no impersonation"),
+        ask("impersonate", "serviceaccounts", None, "no impersonation"),
+        ask_subresource(
+            "create",
+            "serviceaccounts",
+            "token",
+            Some(TENANT),
+            "no tokens",
+        ),
+        ask("create", "namespaces", None, "namespaces are read-only"),
+        ask("patch", "namespaces", None, "namespaces are read-only"),
+        ask("delete", "namespaces", None, "namespaces are read-only"),
+        ask("create", md, None, "tenants create MailDomains"),
+        ask(
+            "update",
+            md,
+            None,
+            "a finalizer needs only patch; spec is never written",
+        ),
+        ask("delete", md, None, "tenants delete MailDomains"),
+        ask_subresource(
+            "update",
+            md,
+            "status",
+            None,
+            "status is server-side applied",
+        ),
+        ask("create", mr, None, "platform teams own MailRelays"),
+        ask("update", mr, None, "platform teams own MailRelays"),
+        ask("patch", mr, None, "platform teams own MailRelays"),
+        ask("delete", mr, None, "platform teams own MailRelays"),
+        ask(
+            "update",
+            "secrets",
+            Some(TENANT),
+            "writes are apply or merge patches",
+        ),
+        ask("get", "configmaps", Some(TENANT), "no ConfigMaps are used"),
+        ask(
+            "patch",
+            "customresourcedefinitions.apiextensions.k8s.io",
+            None,
+            "Helm installs the CRDs",
+        ),
+        ask(
+            "patch",
+            "mutatingwebhookconfigurations.admissionregistration.k8s.io",
+            None,
+            "no admission control",
+        ),
+        ask(
+            "create",
+            "daemonsets.apps",
+            Some(TENANT),
+            "relays are Deployments",
+        ),
+        ask(
+            "delete",
+            "leases.coordination.k8s.io",
+            Some(release_ns),
+            "Leases expire",
+        ),
+        ask(
+            "create",
+            "leases.coordination.k8s.io",
+            Some("kube-system"),
+            "own namespace only",
+        ),
+        ask(
+            "update",
+            "leases.coordination.k8s.io/kube-controller-manager",
+            Some("kube-system"),
+            "other components' Leases",
+        ),
+    ];
+    for verb in ["get", "update", "patch"] {
+        asks.push(ask(
+            verb,
+            format!("leases.coordination.k8s.io/not-{lease}"),
+            Some(release_ns),
+            "only its own Lease",
+        ));
+    }
+    asks
+}
+
+#[tokio::test]
+async fn service_account_may_do_everything_the_operator_does() {
+    let installed = install_chart("rbac-allowed").await;
+    installed.await_bindings();
+    let refused: Vec<String> = what_the_operator_does(&installed.ns.name, &installed.lease)
+        .iter()
+        .filter(|question| !installed.can(question))
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the operator's ServiceAccount is refused what it needs:\n  {}",
+        refused.join("\n  ")
+    );
+    installed.uninstall().await;
+}
+
+#[tokio::test]
+async fn service_account_may_not_do_what_the_operator_does_not_need() {
+    let installed = install_chart("rbac-denied").await;
+    // Denials are only meaningful once the grants are in force.
+    installed.await_bindings();
+    let allowed: Vec<String> = what_the_operator_must_not_do(&installed.ns.name, &installed.lease)
+        .iter()
+        .filter(|question| installed.can(question))
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        allowed.is_empty(),
+        "the operator's ServiceAccount is allowed more than it needs:\n  {}",
+        allowed.join("\n  ")
+    );
+    installed.uninstall().await;
+}
+
+/// No rule grants a wildcard, and every rule says why it exists.
+#[test]
+fn cluster_role_has_no_wildcards_and_every_rule_a_reason() {
+    let c = cluster();
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/mailauth-operator");
+    let out = helm(
+        c,
+        &[
+            "template",
+            "ops",
+            chart.to_str().expect("utf-8 path"),
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    use serde::Deserialize;
+    let roles: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| Value::deserialize(doc).expect("YAML"))
+        .filter(|doc| doc["kind"] == "ClusterRole" || doc["kind"] == "Role")
+        .collect();
+    assert_eq!(roles.len(), 2, "a ClusterRole and the Lease Role");
+    for role in &roles {
+        for rule in role["rules"].as_array().expect("rules") {
+            for field in ["apiGroups", "resources", "verbs"] {
+                let values = rule[field].as_array().expect(field);
+                assert!(
+                    values
+                        .iter()
+                        .all(|v| v.as_str().is_some_and(|s| !s.contains('*'))),
+                    "wildcard in {} rule {rule}",
+                    role["metadata"]["name"]
+                );
+            }
+        }
+    }
+
+    // Each rule in the template is directly preceded by its comment.
+    let template = std::fs::read_to_string(chart.join("templates/rbac.yaml")).expect("rbac.yaml");
+    let mut previous = "";
+    for line in template.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("- apiGroups:") {
+            assert!(
+                previous.starts_with('#'),
+                "an RBAC rule without a comment on why it exists, after {previous:?}"
+            );
+        }
+        previous = line;
+    }
+}
