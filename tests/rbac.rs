@@ -195,6 +195,15 @@ impl Installed {
         }
     }
 
+    /// The questions whose answer is not `expected`, one line each.
+    fn answered_otherwise(&self, questions: &[Ask], expected: bool) -> Vec<String> {
+        questions
+            .iter()
+            .filter(|question| self.can(question) != expected)
+            .map(ToString::to_string)
+            .collect()
+    }
+
     async fn uninstall(self) {
         let out = helm(
             cluster(),
@@ -454,11 +463,8 @@ fn what_the_operator_must_not_do(release_ns: &str, lease: &str) -> Vec<Ask> {
 async fn service_account_may_do_everything_the_operator_does() {
     let installed = install_chart("rbac-allowed").await;
     installed.await_bindings();
-    let refused: Vec<String> = what_the_operator_does(&installed.ns.name, &installed.lease)
-        .iter()
-        .filter(|question| !installed.can(question))
-        .map(ToString::to_string)
-        .collect();
+    let questions = what_the_operator_does(&installed.ns.name, &installed.lease);
+    let refused = installed.answered_otherwise(&questions, true);
     assert!(
         refused.is_empty(),
         "the operator's ServiceAccount is refused what it needs:\n  {}",
@@ -472,11 +478,8 @@ async fn service_account_may_not_do_what_the_operator_does_not_need() {
     let installed = install_chart("rbac-denied").await;
     // Denials are only meaningful once the grants are in force.
     installed.await_bindings();
-    let allowed: Vec<String> = what_the_operator_must_not_do(&installed.ns.name, &installed.lease)
-        .iter()
-        .filter(|question| installed.can(question))
-        .map(ToString::to_string)
-        .collect();
+    let questions = what_the_operator_must_not_do(&installed.ns.name, &installed.lease);
+    let allowed = installed.answered_otherwise(&questions, false);
     assert!(
         allowed.is_empty(),
         "the operator's ServiceAccount is allowed more than it needs:\n  {}",
