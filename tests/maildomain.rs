@@ -583,19 +583,21 @@ async fn deletion_honours_the_deletion_policy() {
         })
         .await;
     }
+    let mut uids = Vec::new();
     for name in ["gone", "kept"] {
+        uids.push(f.domains.get(name).await.unwrap().metadata.uid.unwrap());
         f.domains
             .delete(name, &DeleteParams::default())
             .await
             .unwrap();
     }
-    for name in ["gone", "kept"] {
+    for (name, uid) in ["gone", "kept"].into_iter().zip(&uids) {
         tokio::time::timeout(
             std::time::Duration::from_secs(60),
             kube::runtime::wait::await_condition(
                 f.domains.clone(),
                 name,
-                kube::runtime::wait::conditions::is_deleted(""),
+                kube::runtime::wait::conditions::is_deleted(uid),
             ),
         )
         .await

@@ -185,7 +185,12 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
         .map(secrets::stored_selectors)
         .unwrap_or_default();
 
-    let (relay, spf) = relay_facts(domain, &namespace, ctx).await?;
+    let (relay, admitted_by) = relay_facts(domain, &namespace, ctx).await?;
+    let spf: Option<SpfAuthorization> = admitted_by.as_ref().map(|r| r.spec.spf.clone());
+    let credentials_secret = match &admitted_by {
+        Some(relay) => Some(ensure_credentials(domain, relay, &secrets_api, ctx).await?),
+        None => previous.credentials_secret.clone(),
+    };
 
     let expected = dns::expected_records(
         &domain.spec.domain,
@@ -315,7 +320,7 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
         records,
         last_checked,
         keys_secret: Some(secret_name),
-        credentials_secret: previous.credentials_secret.clone(),
+        credentials_secret,
     };
     let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &namespace);
     write_if_changed(
@@ -539,7 +544,7 @@ async fn relay_facts(
     domain: &MailDomain,
     namespace: &str,
     ctx: &Context,
-) -> Result<(RelayFacts, Option<SpfAuthorization>), Error> {
+) -> Result<(RelayFacts, Option<MailRelay>), Error> {
     let Some(relay_ref) = &domain.spec.relay_ref else {
         return Ok((RelayFacts::NotRequested, None));
     };
@@ -571,10 +576,7 @@ async fn relay_facts(
             .allowed_namespaces
             .admits(relay_namespace, namespace, &labels)
         {
-            Ok(()) => (
-                RelayFacts::Accepted { relay: relay_id },
-                Some(relay.spec.spf.clone()),
-            ),
+            Ok(()) => (RelayFacts::Accepted { relay: relay_id }, Some(relay)),
             Err(why) => (
                 RelayFacts::Refused {
                     reason: "NamespaceNotAllowed",
@@ -584,6 +586,52 @@ async fn relay_facts(
             ),
         },
     )
+}
+
+/// Makes sure the tenant's SMTP credentials Secret exists for an admitted
+/// domain (a password is generated once and kept) and points at the relay.
+/// Returns its name.
+async fn ensure_credentials(
+    domain: &MailDomain,
+    relay: &MailRelay,
+    secrets_api: &Api<Secret>,
+    ctx: &Context,
+) -> Result<String, Error> {
+    let name = secrets::credentials_secret_name(domain);
+    let existing = secrets_api.get_opt(&name).await?;
+    if let Some(secret) = &existing
+        && !secrets::is_ours(secret, domain)
+    {
+        return Err(Error::SecretNotOwned(name));
+    }
+    let host = format!(
+        "{}.{}.svc",
+        super::relay_objects::relay_object_name(relay),
+        relay.namespace().unwrap_or_default()
+    );
+    let username = secrets::smtp_username(domain);
+    let password = match existing.as_ref().and_then(secrets::credentials_of) {
+        Some((_, password)) => password,
+        None => secrets::new_password().map_err(|_| Error::Random)?,
+    };
+    let desired = secrets::credentials_secret(
+        domain,
+        &host,
+        relay.spec.listener.port,
+        &username,
+        &password,
+    );
+    if existing.as_ref().is_none_or(|s| s.data != desired.data) {
+        secrets_api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await?;
+        ctx.metrics.secret_writes.inc();
+    }
+    Ok(name)
 }
 
 /// The MailDomain (`namespace/name`) that owns this domain when it is
@@ -646,6 +694,15 @@ fn domain_owner(
 async fn cleanup(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
     let ctx = &rec.ctx;
     let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
+    // The domain leaves its relay before the finalizer lets go, so the relay
+    // never signs for a domain that no longer exists.
+    if let Some(relay_ref) = &domain.spec.relay_ref {
+        let relay_namespace = relay_ref.namespace.as_deref().unwrap_or(&namespace);
+        let relays: Api<MailRelay> = Api::namespaced(ctx.client.clone(), relay_namespace);
+        if let Some(relay) = relays.get_opt(&relay_ref.name).await? {
+            super::mailrelay::sync(&relay, ctx, Some(&ObjectRef::from_obj(domain))).await?;
+        }
+    }
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = secrets::keys_secret_name(domain);
     if let Some(secret) = secrets_api.get_opt(&name).await?

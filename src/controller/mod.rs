@@ -11,6 +11,8 @@ pub mod clock;
 pub mod conditions;
 pub mod leader;
 pub mod maildomain;
+pub mod mailrelay;
+pub mod relay_objects;
 pub mod secrets;
 pub mod status;
 
@@ -81,6 +83,14 @@ pub struct ControllerArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
 
+    /// The image relays run unless a MailRelay names its own.
+    #[arg(
+        long,
+        env = "RELAY_IMAGE",
+        default_value = "ghcr.io/mailauth/mailauth-operator:0.1.0"
+    )]
+    pub relay_image: String,
+
     /// This replica's identity in the Lease (in a pod: its name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -101,6 +111,7 @@ impl Default for ControllerArgs {
             lease_name: "mailauth-operator".into(),
             lease_namespace: "default".into(),
             identity: None,
+            relay_image: "ghcr.io/mailauth/mailauth-operator:0.1.0".into(),
         }
     }
 }
@@ -142,6 +153,10 @@ pub enum Error {
     Finalizer(String),
     #[error("serializing: {0}")]
     Serialization(#[from] serde_json::Error),
+    #[error("Secret {0} exists and is not managed by this MailDomain; delete or rename it")]
+    SecretNotOwned(String),
+    #[error("the system random number generator failed")]
+    Random,
     #[error("leader election: {0}")]
     LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
     #[error("lost the leader Lease; exiting so that a fresh process rejoins as a follower")]
@@ -162,6 +177,8 @@ impl Error {
             Self::Finalizer(_) => "FinalizerError",
             Self::Serialization(_) => "SerializationError",
             Self::LeaderElection(_) | Self::LostLeadership => "LeaderElection",
+            Self::SecretNotOwned(_) => "SecretNotOwned",
+            Self::Random => "RandomFailed",
             Self::Admin(_) => "AdminServer",
         }
     }
@@ -180,6 +197,10 @@ pub struct Context {
     pub settings: ControllerArgs,
     pub dns_memo: maildomain::DnsMemo,
     pub metrics: Arc<ControllerMetrics>,
+    /// One lock per relay: a relay's config is rendered by one task at a
+    /// time, so a render that listed domains before a deletion can never
+    /// overwrite the render that removed the deleted domain.
+    pub relay_renders: mailrelay::RenderLocks,
 }
 
 impl Context {
@@ -208,6 +229,7 @@ impl Context {
             settings,
             dns_memo: maildomain::DnsMemo::default(),
             metrics,
+            relay_renders: mailrelay::RenderLocks::default(),
         })
     }
 }
@@ -250,7 +272,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                     () = lease.lost() => flag.store(true, Ordering::Relaxed),
                 }
             };
-            maildomain::run(context, stop).await;
+            run_controllers(context, stop).await;
             if lost.load(Ordering::Relaxed) {
                 Err(Error::LostLeadership)
             } else {
@@ -258,7 +280,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             }
         }
         None => {
-            maildomain::run(context, shutdown_signal()).await;
+            run_controllers(context, shutdown_signal()).await;
             Ok(())
         }
     };
@@ -268,6 +290,24 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         return Err(Error::Admin(err));
     }
     outcome
+}
+
+/// Runs the MailDomain and MailRelay controllers until `shutdown` resolves.
+pub async fn run_controllers(
+    context: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let signal = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = receiver.wait_for(|stop| *stop).await;
+    };
+    let domains = maildomain::run(context.clone(), signal(stopped.clone()));
+    let relays = mailrelay::run(context, signal(stopped));
+    let trigger = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
+    tokio::join!(domains, relays, trigger);
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.

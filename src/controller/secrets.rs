@@ -112,6 +112,90 @@ pub fn keys_secret(
     }
 }
 
+/// The Secret, in the tenant's namespace, with the SMTP credentials of a
+/// MailDomain.
+pub fn credentials_secret_name(domain: &MailDomain) -> String {
+    format!("{}-smtp", domain.meta().name.as_deref().unwrap_or_default())
+}
+
+/// The SMTP username of a MailDomain: unique across namespaces.
+pub fn smtp_username(domain: &MailDomain) -> String {
+    format!(
+        "{}.{}",
+        domain.meta().name.as_deref().unwrap_or_default(),
+        domain.meta().namespace.as_deref().unwrap_or_default()
+    )
+}
+
+/// A new random password: 32 bytes from the system's CSPRNG, base64url.
+pub fn new_password() -> Result<String, aws_lc_rs::error::Unspecified> {
+    use aws_lc_rs::rand::SecureRandom;
+    use base64::Engine;
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The salt of a credential's hash, derived from the username so that the
+/// same credential always renders the same relay config (no churn). The
+/// password is 256 random bits, so a per-user salt is all a salt must do.
+pub fn credential_salt(username: &str) -> Vec<u8> {
+    aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("mailauth-operator/{username}").as_bytes(),
+    )
+    .as_ref()[..16]
+        .to_vec()
+}
+
+/// The credentials Secret the tenant's application reads: where to submit
+/// and how to authenticate. Owned by the MailDomain.
+pub fn credentials_secret(
+    domain: &MailDomain,
+    host: &str,
+    port: u16,
+    username: &str,
+    password: &str,
+) -> Secret {
+    let owner: Option<OwnerReference> = domain.controller_owner_ref(&());
+    let text = |v: &str| ByteString(v.as_bytes().to_vec());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(credentials_secret_name(domain)),
+            namespace: domain.meta().namespace.clone(),
+            labels: Some(BTreeMap::from([
+                (
+                    MAILDOMAIN_LABEL.to_string(),
+                    domain.meta().name.clone().unwrap_or_default(),
+                ),
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+            ])),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            ("host".to_string(), text(host)),
+            ("port".to_string(), text(&port.to_string())),
+            ("username".to_string(), text(username)),
+            ("password".to_string(), text(password)),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// (username, password) from a credentials Secret.
+pub fn credentials_of(secret: &Secret) -> Option<(String, String)> {
+    let field = |key: &str| {
+        secret
+            .data
+            .as_ref()?
+            .get(key)
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+    };
+    Some((field("username")?, field("password")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +242,33 @@ mod tests {
             ..Secret::default()
         };
         assert!(!is_ours(&foreign, &md));
+    }
+
+    #[test]
+    fn credentials_round_trip_and_salts_are_stable() {
+        let md = domain();
+        let password = new_password().unwrap();
+        assert_eq!(password.len(), 43);
+        assert_ne!(password, new_password().unwrap());
+        let secret = credentials_secret(
+            &md,
+            "shared-relay.mail.svc",
+            587,
+            &smtp_username(&md),
+            &password,
+        );
+        assert_eq!(
+            credentials_of(&secret),
+            Some(("acme.tenant".to_string(), password))
+        );
+        assert_eq!(
+            credential_salt("acme.tenant"),
+            credential_salt("acme.tenant")
+        );
+        assert_ne!(
+            credential_salt("acme.tenant"),
+            credential_salt("other.tenant")
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub struct Operator {
 impl Operator {
     /// Starts the MailDomain controller for `namespace`, asking `dns`.
     pub async fn start(namespace: &str, dns: SocketAddr) -> Self {
+        mailauth_operator::telemetry::init();
         let clock = Arc::new(ManualClock::new(Timestamp::now()));
         let settings = ControllerArgs {
             dns_servers: vec![dns],
@@ -40,7 +41,7 @@ impl Operator {
                 .expect("building the controller context"),
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller::maildomain::run(ctx.clone(), async move {
+        let task = tokio::spawn(controller::run_controllers(ctx.clone(), async move {
             let _ = stopped.await;
         }));
         Self {

@@ -1,0 +1,333 @@
+//! The MailRelay controller: renders each relay's Deployment, Service and
+//! config Secret from the MailDomains it serves. A domain reaches a relay
+//! only when its MailDomain is Ready (keys, verified active selector, relay
+//! admission) and not in conflict; the relay reloads the mounted config when
+//! it changes, so rotations never restart it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+
+use super::relay_objects::{self, config_files, config_secret, relay_settings};
+use super::secrets::{self, MANAGED_BY, MANAGED_BY_LABEL};
+use super::status::write_if_changed;
+use super::{Context, Error, FIELD_MANAGER};
+use crate::api::{
+    Condition, ConditionStatus, ConditionType, KeyState, MailDomain, MailRelay, MailRelayStatus,
+};
+use crate::relay::auth::hash_password;
+use crate::relay::config::{DomainEntry, SigningKeyEntry, TenantEntry, UpstreamAuth};
+
+/// Per-relay render locks (see [`Context::relay_renders`]).
+#[derive(Default)]
+pub struct RenderLocks(
+    std::sync::Mutex<std::collections::HashMap<ObjectRef<MailRelay>, Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl RenderLocks {
+    fn for_relay(&self, relay: &MailRelay) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(ObjectRef::from_obj(relay)).or_default().clone()
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (relays, deployments, secrets, domains) = match &ctx.settings.namespace {
+        Some(ns) => (
+            Api::<MailRelay>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Secret>::namespaced(client.clone(), ns),
+            Api::<MailDomain>::namespaced(client, ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
+    };
+    Controller::new(relays, watcher::Config::default())
+        // Many MailDomain events arrive together (a rotation wave, an
+        // onboarding): render once for the lot.
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
+        .owns(deployments, managed.clone())
+        .owns(secrets, managed)
+        .watches(domains, watcher::Config::default(), |md| {
+            let relay = md.spec.relay_ref.as_ref()?;
+            let namespace = relay.namespace.clone().or_else(|| md.namespace())?;
+            Some(ObjectRef::<MailRelay>::new(&relay.name).within(&namespace))
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "relay reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+fn error_policy(relay: Arc<MailRelay>, error: &Error, ctx: Arc<Context>) -> Action {
+    let label = crate::telemetry::ReasonLabel {
+        reason: error.reason().to_string(),
+    };
+    ctx.metrics.reconcile_errors.get_or_create(&label).inc();
+    tracing::warn!(mailrelay = %relay.name_any(), reason = error.reason(), error = %error, "relay reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
+    let served = sync(&relay, &ctx, None).await?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let ready_replicas = deployments
+        .get_opt(&relay_objects::relay_object_name(&relay))
+        .await?
+        .and_then(|d| d.status)
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+
+    let previous = relay.status.clone().unwrap_or_default();
+    let now = Time(ctx.clock.now());
+    let generation = relay.meta().generation;
+    let mut conditions = previous.conditions.clone();
+    let condition = |type_, status, reason: &str, message: String| Condition {
+        type_,
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    };
+    Condition::upsert(
+        &mut conditions,
+        condition(
+            ConditionType::Configured,
+            ConditionStatus::True,
+            "Rendered",
+            format!("Deployment, Service and config rendered for {served} domain(s)"),
+        ),
+    );
+    let (status, reason, message) = if ready_replicas > 0 {
+        (
+            ConditionStatus::True,
+            "Available",
+            format!("{ready_replicas} relay pod(s) ready"),
+        )
+    } else {
+        (
+            ConditionStatus::False,
+            "NoReadyPods",
+            format!(
+                "no relay pod is ready yet: check `kubectl -n {namespace} get pods -l app.kubernetes.io/instance={}`",
+                relay.name_any()
+            ),
+        )
+    };
+    Condition::upsert(
+        &mut conditions,
+        condition(ConditionType::Ready, status, reason, message),
+    );
+    let desired = MailRelayStatus {
+        observed_generation: generation,
+        conditions,
+        ready_replicas,
+        domains: i32::try_from(served).unwrap_or(i32::MAX),
+    };
+    let api: Api<MailRelay> = Api::namespaced(ctx.client.clone(), &namespace);
+    write_if_changed(
+        &api,
+        &*relay,
+        relay.status.as_ref(),
+        &desired,
+        &ctx.metrics.status_writes,
+    )
+    .await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Renders and applies everything for `relay` from the MailDomains it
+/// serves, leaving out `excluding` (a MailDomain being deleted: its domain
+/// leaves the relay before its finalizer lets go). Returns how many domains
+/// the relay serves.
+pub async fn sync(
+    relay: &MailRelay,
+    ctx: &Context,
+    excluding: Option<&ObjectRef<MailDomain>>,
+) -> Result<usize, Error> {
+    let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
+    let lock = ctx.relay_renders.for_relay(relay);
+    let _rendering = lock.lock().await;
+    let domains_api: Api<MailDomain> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let serving: Vec<MailDomain> = domains_api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|md| serves(relay, md) && excluding.is_none_or(|ex| *ex != ObjectRef::from_obj(md)))
+        .collect();
+
+    let mut domains = Vec::with_capacity(serving.len());
+    let mut tenants = Vec::with_capacity(serving.len());
+    for md in &serving {
+        if let Some((domain, tenant)) = entries_for(relay, md, ctx).await? {
+            domains.push(domain);
+            tenants.extend(tenant);
+        }
+    }
+    let served = domains.len();
+    tracing::info!(mailrelay = %relay.name_any(), domains = served, excluding = ?excluding.map(|e| &e.name), "rendering relay config");
+    let settings = relay_settings(relay, upstream_auth(relay, &namespace, ctx).await?);
+    let files = config_files(&settings, tenants, domains)?;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = config_secret(relay, files);
+    secrets_api
+        .patch(
+            &relay_objects::config_secret_name(relay),
+            &apply,
+            &Patch::Apply(&secret),
+        )
+        .await?;
+    let deployment = relay_objects::deployment(relay, &ctx.settings.relay_image);
+    Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &relay_objects::relay_object_name(relay),
+            &apply,
+            &Patch::Apply(&deployment),
+        )
+        .await?;
+    let service = relay_objects::service(relay);
+    Api::<Service>::namespaced(ctx.client.clone(), &namespace)
+        .patch(
+            &relay_objects::relay_object_name(relay),
+            &apply,
+            &Patch::Apply(&service),
+        )
+        .await?;
+    Ok(served)
+}
+
+/// Whether a MailDomain belongs on this relay: it references it, is Ready
+/// (which includes the relay admitting its namespace), is not in conflict
+/// and is not being deleted.
+fn serves(relay: &MailRelay, md: &MailDomain) -> bool {
+    let references = md.spec.relay_ref.as_ref().is_some_and(|r| {
+        r.name == relay.name_any()
+            && r.namespace.clone().or_else(|| md.namespace()) == relay.namespace()
+    });
+    let conditions = md
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    references
+        && md.meta().deletion_timestamp.is_none()
+        && Condition::is_true(conditions, ConditionType::Ready)
+        && !Condition::is_true(conditions, ConditionType::DomainConflict)
+}
+
+/// The domain and tenant entries of one MailDomain: its Active keys (read
+/// from its key Secret) and its credential's hash.
+async fn entries_for(
+    relay: &MailRelay,
+    md: &MailDomain,
+    ctx: &Context,
+) -> Result<Option<(DomainEntry, Option<TenantEntry>)>, Error> {
+    let namespace = md.namespace().ok_or(Error::NotNamespaced)?;
+    let Some(status) = &md.status else {
+        return Ok(None);
+    };
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(key_secret) = secrets_api.get_opt(&secrets::keys_secret_name(md)).await? else {
+        return Ok(None);
+    };
+    let signing_keys: Vec<SigningKeyEntry> = status
+        .dkim
+        .iter()
+        .flat_map(|d| d.keys.iter())
+        .filter(|k| k.state == KeyState::Active)
+        .filter_map(|k| {
+            secrets::stored_key(&key_secret, &k.selector).map(|pem| SigningKeyEntry {
+                selector: k.selector.clone(),
+                algorithm: k.algorithm,
+                private_key_pem: pem.expose_secret().to_string(),
+            })
+        })
+        .collect();
+    if signing_keys.is_empty() {
+        return Ok(None);
+    }
+    let relay_default = relay.spec.limits.messages_per_minute;
+    let domain = DomainEntry {
+        domain: md.spec.domain.clone(),
+        messages_per_minute: md
+            .spec
+            .rate_limit
+            .as_ref()
+            .map_or(relay_default, |r| r.messages_per_minute.min(relay_default)),
+        signing_keys,
+        return_path: md
+            .spec
+            .return_path
+            .as_ref()
+            .map(|rp| format!("{rp}.{}", md.spec.domain)),
+    };
+    let tenant = match secrets_api
+        .get_opt(&secrets::credentials_secret_name(md))
+        .await?
+    {
+        Some(credentials) => {
+            secrets::credentials_of(&credentials).map(|(username, password)| TenantEntry {
+                password_hash: hash_password(&password, &secrets::credential_salt(&username)),
+                username,
+                domains: vec![md.spec.domain.clone()],
+            })
+        }
+        None => None,
+    };
+    Ok(Some((domain, tenant)))
+}
+
+/// The upstream credentials from the relay's auth Secret, when it names one.
+async fn upstream_auth(
+    relay: &MailRelay,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Option<UpstreamAuth>, Error> {
+    let Some(name) = &relay.spec.upstream.auth_secret_name else {
+        return Ok(None);
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(name)
+        .await?;
+    let field = |secret: &Secret, key: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+    };
+    Ok(secret.and_then(|s| {
+        Some(UpstreamAuth {
+            username: field(&s, "username")?,
+            password: field(&s, "password")?,
+        })
+    }))
+}
