@@ -4,4 +4,5 @@
 
 pub mod cluster;
 pub mod dns;
+pub mod mail;
 pub mod operator;

@@ -1,0 +1,477 @@
+//! Real mail peers for relay tests: Postfix's `smtp-sink` as the upstream
+//! (Debian package `postfix`; only its binary is used, never the system
+//! service), `swaks` as the submitting client, dkimpy (`python3-dkim`,
+//! with `python3-dnspython`) to verify stored messages against the test
+//! knot, and the relay itself run as the built binary.
+//!
+//! Every wait polls a condition with a deadline; none sleeps blind.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::dns::wait_until;
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A TCP port nobody listens on right now.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("binding an ephemeral port")
+}
+
+fn accepts_connections(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// `smtp-sink` storing every message it accepts as one file in a
+/// directory (with a few `X-` lines and a `Received` header it adds).
+pub struct SmtpSink {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl SmtpSink {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("smtp-sink-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_tcp_port();
+        let mut sink = Self {
+            port,
+            dir,
+            child: None,
+        };
+        sink.spawn();
+        sink
+    }
+
+    fn spawn(&mut self) {
+        let template = format!("{}/%M.", self.dir.path().display());
+        let child = Command::new("smtp-sink")
+            .args(["-u", "root", "-d", &template])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("100")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running smtp-sink (Debian package `postfix`)");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(START_TIMEOUT, || accepts_connections(port).then_some(())).is_some(),
+            "smtp-sink did not listen on {port}"
+        );
+    }
+
+    /// Stops the sink: connections to its port are refused from now on.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The stored messages, as the sink wrote them, with CRLF line ends and
+    /// the sink's own `X-` lines removed (its `Received` header stays: it
+    /// is what a next hop would add).
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .expect("reading the sink directory")
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .filter_map(|path| std::fs::read(path).ok())
+            .map(|raw| {
+                let text = String::from_utf8_lossy(&raw);
+                let mut message = String::new();
+                let mut in_sink_lines = true;
+                for line in text.split('\n') {
+                    if in_sink_lines && line.starts_with("X-") && !line.starts_with("X-Mailer") {
+                        continue;
+                    }
+                    in_sink_lines = false;
+                    message.push_str(line);
+                    message.push_str("\r\n");
+                }
+                message.into_bytes()
+            })
+            .collect()
+    }
+
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(self.dir.path())
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least `count` messages are stored.
+    pub fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        wait_until(timeout, || (self.count() >= count).then_some(()))
+            .unwrap_or_else(|| panic!("the sink stored {} of {count} messages", self.count()));
+        // smtp-sink writes the file while the transaction runs: wait for
+        // the last one to be complete (it ends with the message's body).
+        wait_until(timeout, || {
+            let messages = self.messages();
+            messages
+                .iter()
+                .all(|m| m.windows(4).any(|w| w == b"\r\n\r\n"))
+                .then_some(messages)
+        })
+        .expect("sink files complete")
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A swaks run.
+#[derive(Debug)]
+pub struct Submission {
+    pub success: bool,
+    /// swaks' transcript: `<-` lines are the relay's replies, `<~` the same
+    /// inside TLS, `<**`/`<~*` are failures.
+    pub transcript: String,
+}
+
+impl Submission {
+    /// The code of the first failure reply swaks reported (`<**` in clear,
+    /// `<~*` inside TLS), which is what ended the submission.
+    pub fn failure_code(&self) -> Option<u16> {
+        self.transcript.lines().find_map(|line| {
+            let reply = line
+                .strip_prefix("<** ")
+                .or_else(|| line.strip_prefix("<~* "))?;
+            reply.trim_start().get(..3)?.parse().ok()
+        })
+    }
+}
+
+/// What swaks should do.
+#[derive(Clone, Debug, Default)]
+pub struct Swaks {
+    pub port: u16,
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    /// `(username, password)` for AUTH; `None` for no AUTH.
+    pub auth: Option<(String, String)>,
+    /// `PLAIN` or `LOGIN`.
+    pub auth_mechanism: Option<String>,
+    pub starttls: bool,
+    /// The whole message (headers and body) to send.
+    pub data: String,
+}
+
+impl Swaks {
+    pub fn run(&self) -> Submission {
+        let data_file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(data_file.path(), &self.data).expect("writing the message");
+        let mut command = Command::new("swaks");
+        command
+            .args(["--server", &format!("127.0.0.1:{}", self.port)])
+            .args(["--from", &self.mail_from])
+            .args(["--ehlo", "client.test"])
+            .arg("--data")
+            .arg(format!("@{}", data_file.path().display()))
+            .args(["--timeout", "30"]);
+        command.args(["--to", &self.rcpt_to.join(",")]);
+        if self.starttls {
+            command.arg("--tls");
+        }
+        if let Some((username, password)) = &self.auth {
+            let mechanism = self.auth_mechanism.as_deref().unwrap_or("PLAIN");
+            command
+                .args(["--auth", mechanism])
+                .args(["--auth-user", username])
+                .args(["--auth-password", password]);
+        }
+        let output = command
+            .output()
+            .expect("running swaks (Debian package `swaks`)");
+        Submission {
+            success: output.status.success(),
+            transcript: format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        }
+    }
+}
+
+/// One DKIM-Signature's verdict from dkimpy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimVerdict {
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: String,
+    pub pass: bool,
+}
+
+const DKIMPY_VERIFY: &str = r#"
+import sys, dkim, dns.resolver
+from dkim.util import parse_tag_value
+port = int(sys.argv[1])
+message = sys.stdin.buffer.read().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+resolver = dns.resolver.Resolver(configure=False)
+resolver.nameservers = ["127.0.0.1"]
+resolver.port = port
+resolver.cache = None
+def txt(name, timeout=5):
+    name = name.decode() if isinstance(name, bytes) else name
+    answer = resolver.resolve(name, "TXT", lifetime=timeout)
+    return b"".join(b"".join(record.strings) for record in answer)
+checker = dkim.DKIM(message)
+signatures = [value for (name, value) in checker.headers if name.lower() == b"dkim-signature"]
+for index, value in enumerate(signatures):
+    tags = parse_tag_value(b"".join(value.split()))
+    ok = checker.verify(idx=index, dnsfunc=txt)
+    print(tags[b"d"].decode(), tags[b"s"].decode(), tags[b"a"].decode(), "pass" if ok else "fail")
+"#;
+
+/// Verifies every DKIM signature of `message` with dkimpy, looking keys up
+/// in the knot on `dns_port`.
+pub fn dkimpy_verify(message: &[u8], dns_port: u16) -> Vec<DkimVerdict> {
+    // The system Python has the Debian packages; a pyenv shim may not.
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(DKIMPY_VERIFY)
+        .arg(dns_port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running python3 with dkimpy (Debian package `python3-dkim`)");
+    child
+        .stdin
+        .take()
+        .expect("stdin piped")
+        .write_all(message)
+        .expect("writing to dkimpy");
+    let output = child.wait_with_output().expect("waiting for dkimpy");
+    assert!(
+        output.status.success(),
+        "dkimpy failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            DkimVerdict {
+                domain: fields[0].to_string(),
+                selector: fields[1].to_string(),
+                algorithm: fields[2].to_string(),
+                pass: fields[3] == "pass",
+            }
+        })
+        .collect()
+}
+
+/// A self-signed certificate and key for STARTTLS, made with openssl.
+pub fn self_signed_certificate(dir: &Path, hostname: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", &format!("/CN={hostname}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running openssl");
+    assert!(status.success(), "openssl could not make a certificate");
+    (cert, key)
+}
+
+/// A directory updated the way kubelet updates a Secret volume: files live
+/// in a timestamped directory, `..data` points at it, and each visible name
+/// is a symlink through `..data`. An update writes a new directory and
+/// swaps `..data` with one atomic rename.
+pub struct KubeletDir {
+    dir: tempfile::TempDir,
+    generation: u32,
+}
+
+impl KubeletDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::Builder::new()
+                .prefix("relay-config-")
+                .tempdir()
+                .expect("temp dir"),
+            generation: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces the whole content with `files` (name, content).
+    pub fn write(&mut self, files: &[(&str, Vec<u8>)]) {
+        self.generation += 1;
+        let root = self.dir.path();
+        let data_dir_name = format!("..2026_01_01_00_00_00.{}", self.generation);
+        let data_dir = root.join(&data_dir_name);
+        std::fs::create_dir(&data_dir).expect("data dir");
+        for (name, content) in files {
+            std::fs::write(data_dir.join(name), content).expect("writing a config file");
+        }
+        let temporary_link = root.join("..data_tmp");
+        let _ = std::fs::remove_file(&temporary_link);
+        std::os::unix::fs::symlink(&data_dir_name, &temporary_link).expect("symlink");
+        std::fs::rename(&temporary_link, root.join("..data")).expect("swapping ..data");
+        for (name, _) in files {
+            let link = root.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("symlink");
+            }
+        }
+    }
+}
+
+/// `mailauth-operator relay` run as the built binary, killed on drop.
+pub struct Relay {
+    pub port: u16,
+    pub admin_port: u16,
+    child: Child,
+    log: PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+impl Relay {
+    /// Starts the relay on `config_dir` and waits until `/readyz` says its
+    /// config is loaded.
+    pub fn start(config_dir: &Path, tls: Option<(&Path, &Path)>) -> Self {
+        let log_dir = tempfile::tempdir().expect("temp dir");
+        let log = log_dir.path().join("relay.log");
+        let port = free_tcp_port();
+        let admin_port = free_tcp_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mailauth-operator"));
+        command
+            .arg("relay")
+            .arg("--config-dir")
+            .arg(config_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--reload-interval", "1s", "--upstream-timeout", "5s"])
+            .env("RUST_LOG", "info");
+        if let Some((cert, key)) = tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
+        }
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("running the relay binary");
+        let relay = Self {
+            port,
+            admin_port,
+            child,
+            log,
+            _log_dir: log_dir,
+        };
+        let ready = wait_until(START_TIMEOUT, || {
+            relay
+                .http_get("/readyz")
+                .filter(|(status, _)| *status == 200)
+        });
+        assert!(
+            ready.is_some(),
+            "the relay did not become ready:\n{}",
+            relay.log()
+        );
+        relay
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `(status, body)` of a GET on the admin port.
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.admin_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n")?.1.to_string();
+        Some((status, body))
+    }
+
+    /// A raw SMTP conversation: sends each line and returns every reply
+    /// line the relay sent, in order.
+    pub fn converse(&self, lines: &[&str]) -> Vec<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connecting");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut replies = vec![read_reply(&mut stream)];
+        for line in lines {
+            stream
+                .write_all(format!("{line}\r\n").as_bytes())
+                .expect("writing");
+            replies.push(read_reply(&mut stream));
+        }
+        replies
+    }
+}
+
+/// Reads one (possibly multi-line) SMTP reply.
+fn read_reply(stream: &mut TcpStream) -> String {
+    let mut reply = String::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(1) => reply.push(char::from(byte[0])),
+            _ => return reply,
+        }
+        // The last line of a reply has a space after its code.
+        if reply.ends_with("\r\n") {
+            let last = reply.trim_end().lines().last().unwrap_or("");
+            if last.len() < 4 || last.as_bytes()[3] == b' ' {
+                return reply;
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
