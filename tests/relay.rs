@@ -549,3 +549,64 @@ fn a_key_rotation_during_a_stream_of_messages_loses_none_and_all_verify() {
     );
     assert!(f.relay.log().contains("relay config loaded"));
 }
+
+/// Throughput, not a pass/fail check of behaviour: 20 clients each submit
+/// 10 KB messages over STARTTLS + AUTH on one connection, the relay signs
+/// with RSA-2048 and forwards to smtp-sink. Run with
+/// `cargo test --release --test relay -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly"]
+async fn throughput() {
+    use mail_send::smtp::message::Message;
+    use mail_send::{Credentials, SmtpClientBuilder};
+
+    const CLIENTS: usize = 20;
+    const PER_CLIENT: usize = 250;
+    let f = tokio::task::spawn_blocking(fixture).await.expect("fixture");
+    let body = {
+        let mut text = message("alice@acme.test", "load");
+        while text.len() < 10 * 1024 {
+            text.push_str("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n");
+        }
+        text
+    };
+    let started = std::time::Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let body = body.clone();
+        let port = f.relay.port;
+        clients.push(tokio::spawn(async move {
+            let mut client = SmtpClientBuilder::new("127.0.0.1".to_string(), port)
+                .expect("client builder")
+                .implicit_tls(false)
+                .allow_invalid_certs()
+                .helo_host("load.test")
+                .credentials(Credentials::new("acme".to_string(), "acme-password".to_string()))
+                .connect()
+                .await
+                .expect("connecting to the relay");
+            for _ in 0..PER_CLIENT {
+                client
+                    .send(Message::new(
+                        "alice@acme.test",
+                        ["bob@example.net"],
+                        body.as_bytes(),
+                    ))
+                    .await
+                    .expect("sending");
+            }
+        }));
+    }
+    for client in clients {
+        client.await.expect("client task");
+    }
+    let elapsed = started.elapsed();
+    let total = CLIENTS * PER_CLIENT;
+    println!(
+        "{total} messages of {} bytes in {elapsed:?}: {:.0} messages/s",
+        body.len(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    let sink = &f.sink;
+    tokio::task::block_in_place(|| sink.wait_for(total, WAIT));
+}
