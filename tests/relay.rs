@@ -558,7 +558,7 @@ fn a_key_rotation_during_a_stream_of_messages_loses_none_and_all_verify() {
 #[ignore = "benchmark: run explicitly"]
 async fn throughput() {
     use mail_send::smtp::message::Message;
-    use mail_send::{Credentials, SmtpClientBuilder};
+    use mail_send::{Credentials, SmtpClient};
 
     const CLIENTS: usize = 20;
     const PER_CLIENT: usize = 250;
@@ -566,7 +566,9 @@ async fn throughput() {
     let body = {
         let mut text = message("alice@acme.test", "load");
         while text.len() < 10 * 1024 {
-            text.push_str("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n");
+            text.push_str(
+                "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\r\n",
+            );
         }
         text
     };
@@ -576,15 +578,31 @@ async fn throughput() {
         let body = body.clone();
         let port = f.relay.port;
         clients.push(tokio::spawn(async move {
-            let mut client = SmtpClientBuilder::new("127.0.0.1".to_string(), port)
-                .expect("client builder")
-                .implicit_tls(false)
-                .allow_invalid_certs()
-                .helo_host("load.test")
-                .credentials(Credentials::new("acme".to_string(), "acme-password".to_string()))
-                .connect()
+            // Built by hand rather than with `SmtpClientBuilder` to turn
+            // Nagle off: with it, every message waits for a delayed ACK.
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .expect("connecting to the relay");
+            tcp.set_nodelay(true).expect("nodelay");
+            let mut plain = SmtpClient {
+                stream: tcp,
+                timeout: Duration::from_secs(30),
+            };
+            plain.read().await.expect("greeting");
+            plain.ehlo("load.test").await.expect("EHLO");
+            let connector = mail_send::smtp::tls::build_tls_connector(true).expect("TLS");
+            let mut client = plain
+                .start_tls(&connector, "relay.test")
+                .await
+                .expect("STARTTLS");
+            let capabilities = client.ehlo("load.test").await.expect("EHLO");
+            client
+                .authenticate(
+                    Credentials::new("acme".to_string(), "acme-password".to_string()),
+                    &capabilities,
+                )
+                .await
+                .expect("AUTH");
             for _ in 0..PER_CLIENT {
                 client
                     .send(Message::new(
