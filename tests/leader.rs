@@ -1,0 +1,180 @@
+//! Two controller processes against one control plane: only the holder of
+//! the leader Lease writes; killing it hands over to the other.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, PostParams};
+use mailauth_operator::api::{ConditionStatus, ConditionType, MailDomain};
+use support::cluster::cluster;
+use support::dns::{Knot, Zone};
+use support::mail::free_tcp_port;
+use support::operator::{is, wait_for};
+
+const LEASE: &str = "mailauth-test-leader";
+
+struct Replica {
+    identity: String,
+    metrics_port: u16,
+    child: Child,
+}
+
+impl Replica {
+    fn start(identity: &str, namespace: &str, dns: &Knot) -> Self {
+        let metrics_port = free_tcp_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailauth-operator"))
+            .args(["controller", "--leader-election", "--lease-name", LEASE])
+            .args([
+                "--lease-namespace",
+                namespace,
+                "--namespace",
+                namespace,
+                "--identity",
+                identity,
+            ])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--dns-server", &dns.addr().to_string()])
+            .env("KUBECONFIG", &cluster().kubeconfig)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a controller replica");
+        Self {
+            identity: identity.into(),
+            metrics_port,
+            child,
+        }
+    }
+
+    /// The value of a metric on this replica's /metrics, if it answers.
+    fn metric(&self, name: &str) -> Option<f64> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find(|line| line.split_whitespace().next() == Some(name))
+            .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get_opt(LEASE).await.ok()??.spec?.holder_identity
+}
+
+async fn wait_holder(leases: &Api<Lease>, other_than: Option<&str>) -> String {
+    // Bounded by the Lease duration (15 s) plus renewal slack.
+    for _ in 0..300 {
+        if let Some(h) = holder(leases)
+            .await
+            .filter(|h| Some(h.as_str()) != other_than)
+        {
+            return h;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no replica (other than {other_than:?}) acquired the Lease within 60 s");
+}
+
+async fn wait_metric(replica: &Replica, name: &str, check: impl Fn(f64) -> bool) {
+    for _ in 0..100 {
+        if replica.metric(name).is_some_and(&check) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{} on {} never reached the expected value: {:?}",
+        name,
+        replica.identity,
+        replica.metric(name)
+    );
+}
+
+async fn create(domains: &Api<MailDomain>, name: &str) {
+    let md: MailDomain = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailDomain", "metadata": {"name": name},
+        "spec": {"domain": format!("{name}.test"), "dkim": {"algorithm": "Ed25519"}}
+    }))
+    .expect("manifest");
+    domains
+        .create(&PostParams::default(), &md)
+        .await
+        .expect("creating MailDomain");
+}
+
+#[tokio::test]
+async fn only_the_leader_writes_and_killing_it_hands_over() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("leader").await;
+    let client = c.client().await;
+    let knot = Knot::start(&[Zone::new("test")]);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let domains: Api<MailDomain> = Api::namespaced(client, &ns.name);
+
+    let mut replicas = vec![
+        Replica::start("replica-a", &ns.name, &knot),
+        Replica::start("replica-b", &ns.name, &knot),
+    ];
+    let first = wait_holder(&leases, None).await;
+
+    create(&domains, "one").await;
+    wait_for(&domains, "one", "KeysReady", |md| {
+        is(md, ConditionType::KeysReady, ConditionStatus::True)
+    })
+    .await;
+    let (leader, follower): (Vec<&Replica>, Vec<&Replica>) =
+        replicas.iter().partition(|r| r.identity == first);
+    // The counter moves just after the write the watch already reported.
+    wait_metric(leader[0], "mailauth_status_writes_total", |n| n > 0.0).await;
+    assert_eq!(
+        follower[0].metric("mailauth_is_leader"),
+        Some(0.0),
+        "the follower knows it follows"
+    );
+    assert_eq!(
+        follower[0].metric("mailauth_status_writes_total"),
+        Some(0.0),
+        "the follower never writes"
+    );
+
+    // Kill the leader without a chance to release the Lease.
+    let index = replicas
+        .iter()
+        .position(|r| r.identity == first)
+        .expect("leader replica");
+    let mut dead = replicas.remove(index);
+    dead.child.kill().expect("killing the leader");
+    let _ = dead.child.wait();
+    let second = wait_holder(&leases, Some(&first)).await;
+    assert_eq!(second, replicas[0].identity);
+
+    create(&domains, "two").await;
+    wait_for(&domains, "two", "KeysReady from the new leader", |md| {
+        is(md, ConditionType::KeysReady, ConditionStatus::True)
+    })
+    .await;
+    wait_metric(&replicas[0], "mailauth_status_writes_total", |n| n > 0.0).await;
+    drop(replicas);
+    ns.delete().await;
+}
