@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# Benchmarks (numbers, not pass/fail), in one run, on 127.0.0.1:
+#
+#  1. Onboarding: BENCH_DOMAINS (default 1000) RSA-2048 MailDomains created at
+#     once in a fresh namespace watched by the release controller; time until
+#     all are KeysReady, next to the time this machine needs just to generate
+#     as many keys on all cores (the physical bound); controller CPU, peak
+#     memory and API writes per domain; then a steady-state minute. The same
+#     for Ed25519 (BENCH_ED25519_DOMAINS, default BENCH_DOMAINS).
+#  2. DNS check: BENCH_DNS_DOMAINS (default 1000) domains served by knot,
+#     checked by `mailauth-operator check` (DKIM, SPF, DMARC) and by
+#     checkdmarc (SPF, DMARC), with the DNS queries each made as knot's
+#     mod-stats counts them.
+#  3. A summary table, also written to target/bench/summary.txt.
+#
+# Settings: BENCH_DOMAINS, BENCH_ED25519_DOMAINS, BENCH_DNS_DOMAINS,
+# BENCH_STEADY_SECONDS (60), BENCH_CONTROLLER_CONCURRENCY (the controller's
+# default when unset), BENCH_CREATE_CONCURRENCY (32), BENCH_SKIP (comma list
+# of rsa, ed25519, dns), BENCH_KEEP=1 keeps the work dir (logs, zone).
+# The bench fails loudly (non-zero, with the reason) when a run is broken:
+# domains that never become KeysReady, a controller that dies, a check that
+# fails on the zone it was built to pass.
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+repo="$PWD"
+out="$repo/target/bench"
+mkdir -p "$out"
+work="$(mktemp -d /tmp/mailauth-bench.XXXXXX)"
+
+N="${BENCH_DOMAINS:-1000}"
+N_ED="${BENCH_ED25519_DOMAINS:-$N}"
+N_DNS="${BENCH_DNS_DOMAINS:-1000}"
+STEADY="${BENCH_STEADY_SECONDS:-60}"
+CREATE_CONCURRENCY="${BENCH_CREATE_CONCURRENCY:-32}"
+SKIP=",${BENCH_SKIP:-},"
+SPF_IP=192.0.2.10
+SELECTOR=bench2026
+
+kubeconfig="$repo/target/cluster/kubeconfig"
+kubectl="$repo/target/cluster/bin/kubectl"
+
+log() { echo "bench: $*" >&2; }
+die() {
+  echo "bench: FAILED: $*" >&2
+  exit 1
+}
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+k() { KUBECONFIG="$kubeconfig" "$kubectl" "$@"; }
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+
+# --- processes we start, stopped on any exit ---------------------------------
+knot_pid=""
+controller_pid=""
+namespaces=()
+stop_pid() { # stop_pid PID: TERM, then KILL after 10 s
+  local pid="$1"
+  [[ -n "$pid" ]] || return 0
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+on_exit() {
+  local rc=$?
+  stop_pid "$controller_pid"
+  stop_pid "$knot_pid"
+  # Namespaces left by a failed run: deleted in the background (their
+  # MailDomains keep finalizers without a controller; as the tests' are).
+  for ns in "${namespaces[@]}"; do
+    k delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+  done
+  if [[ "${BENCH_KEEP:-}" == 1 || $rc -ne 0 ]]; then
+    log "work dir kept: $work"
+  else
+    rm -rf "$work"
+  fi
+  exit $rc
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+# --- build --------------------------------------------------------------------
+log "building (release)"
+cargo build --release --locked
+cargo bench --locked --no-run --bench keygen --bench onboard --message-format=json \
+  >"$work/build.json"
+bench_bin() {
+  python3 - "$work/build.json" "$1" <<'EOF'
+import json, sys
+path, name = sys.argv[1], sys.argv[2]
+exe = None
+for line in open(path):
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == name and msg.get("executable"):
+        exe = msg["executable"]
+if not exe:
+    sys.exit(f"no executable for bench {name}")
+print(exe)
+EOF
+}
+keygen_bin="$(bench_bin keygen)"
+onboard_bin="$(bench_bin onboard)"
+operator_bin="$repo/target/release/mailauth-operator"
+[[ -x "$operator_bin" ]] || die "$operator_bin was not built"
+
+# --- knot: one server for everything, counting queries with mod-stats -------
+# Zone `test.`: the DNS-check domains d0001.bench.test ... (DKIM, SPF, DMARC),
+# `_dmarc.test` and `_dmarc.bench.test` (so checkdmarc's organisational
+# lookups get answers, not timeouts), and nothing under onboard.test: the
+# onboarding domains get fast, truthful NXDOMAINs.
+start_knot() {
+  local dir="$work/knot" dkim_p
+  mkdir -p "$dir/zones" "$dir/db" "$dir/run"
+  dkim_p="$(openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 2>/dev/null |
+    openssl pkey -pubout -outform DER | base64 -w0)"
+  local dkim="v=DKIM1; k=rsa; p=$dkim_p"
+  local dkim_txt="\"${dkim:0:255}\" \"${dkim:255}\""
+  : >"$work/dns-domains.txt"
+  {
+    printf '$ORIGIN test.\n$TTL 300\n'
+    printf '@ SOA ns.test. hostmaster.test. 1 3600 600 86400 300\n@ NS ns.test.\nns A 127.0.0.1\n'
+    printf '_dmarc TXT "v=DMARC1; p=reject"\n_dmarc.bench TXT "v=DMARC1; p=reject"\n'
+    for i in $(seq 1 "$N_DNS"); do
+      local d
+      d="$(printf 'd%04d' "$i")"
+      echo "$d.bench.test" >>"$work/dns-domains.txt"
+      printf '%s.bench TXT "v=spf1 ip4:%s -all"\n' "$d" "$SPF_IP"
+      printf '_dmarc.%s.bench TXT "v=DMARC1; p=reject"\n' "$d"
+      printf '%s._domainkey.%s.bench TXT %s\n' "$SELECTOR" "$d" "$dkim_txt"
+    done
+  } >"$dir/zones/test.zone"
+  knot_port="$(free_port)"
+  knot_sock="$dir/run/knot.sock"
+  cat >"$dir/knot.conf" <<EOF
+server:
+  rundir: $dir/run
+  listen: 127.0.0.1@$knot_port
+  udp-workers: 2
+  tcp-workers: 1
+  background-workers: 1
+log:
+  - target: stderr
+    any: warning
+database:
+  storage: $dir/db
+control:
+  listen: $knot_sock
+mod-stats:
+  - id: bench
+    request-protocol: on
+    response-code: on
+    query-type: on
+template:
+  - id: default
+    storage: $dir/zones
+    file: $dir/zones/%s.zone
+    zonefile-sync: -1
+    global-module: mod-stats/bench
+zone:
+  - domain: test.
+EOF
+  knotd -c "$dir/knot.conf" >"$dir/knot.log" 2>&1 &
+  knot_pid=$!
+  local deadline=$((SECONDS + 20))
+  until [[ -n "$(kdig @127.0.0.1 -p "$knot_port" +short +time=1 +tries=1 _dmarc.bench.test TXT 2>/dev/null)" ]]; do
+    kill -0 "$knot_pid" 2>/dev/null || { cat "$dir/knot.log" >&2; die "knotd exited"; }
+    ((SECONDS < deadline)) || { cat "$dir/knot.log" >&2; die "knot did not answer"; }
+    sleep 0.1
+  done
+  log "knot on 127.0.0.1:$knot_port serving test. ($N_DNS check domains)"
+}
+# Every request knot has received (all protocols), from mod-stats.
+knot_queries() {
+  knotc -s "$knot_sock" stats mod-stats.request-protocol 2>/dev/null |
+    awk -F'= ' '{ s += $2 } END { print s + 0 }'
+}
+
+# --- the control plane ---------------------------------------------------------
+need_cluster() {
+  [[ -n "${cluster_ready:-}" ]] && return 0
+  log "starting (or reusing) the control plane"
+  tests/controlplane/cluster.sh up
+  k apply --server-side --force-conflicts -f crds/ >/dev/null
+  k wait --for condition=established --timeout=60s crd/maildomains.mailauth.dev >/dev/null
+  cluster_ready=1
+}
+
+start_controller() { # start_controller NAMESPACE LABEL
+  local ns="$1" label="$2"
+  metrics_port="$(free_port)"
+  local args=(controller --namespace "$ns" --metrics-listen "127.0.0.1:$metrics_port"
+    --dns-server "127.0.0.1:$knot_port")
+  [[ -n "${BENCH_CONTROLLER_CONCURRENCY:-}" ]] && args+=(--concurrency "$BENCH_CONTROLLER_CONCURRENCY")
+  KUBECONFIG="$kubeconfig" "$operator_bin" "${args[@]}" >"$work/controller-$label.log" 2>&1 &
+  controller_pid=$!
+  local deadline=$((SECONDS + 30))
+  until curl -sf "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; do
+    kill -0 "$controller_pid" 2>/dev/null || { tail -30 "$work/controller-$label.log" >&2; die "the controller exited"; }
+    ((SECONDS < deadline)) || die "the controller did not become ready"
+    sleep 0.1
+  done
+}
+
+# Deletes the namespace's MailDomains while the controller still runs (it
+# removes its finalizers), then the rest. Not measured; time reported.
+cleanup_namespace() { # cleanup_namespace NAMESPACE LABEL
+  local ns="$1" label="$2" t0 deadline
+  t0="$(now)"
+  k delete --raw "/apis/mailauth.dev/v1alpha1/namespaces/$ns/maildomains" >/dev/null
+  deadline=$((SECONDS + 900))
+  until k get --raw "/apis/mailauth.dev/v1alpha1/namespaces/$ns/maildomains?limit=1" | grep -q '"items":\[\]'; do
+    if ((SECONDS >= deadline)); then
+      log "warning: MailDomains in $ns not all deleted after 900 s; leaving them"
+      break
+    fi
+    sleep 2
+  done
+  echo "cleanup_seconds $(elapsed "$t0" "$(now)")" >>"$out/onboard-$label.txt"
+  k delete --raw "/api/v1/namespaces/$ns/secrets" >/dev/null 2>&1 || true
+  k delete --raw "/api/v1/namespaces/$ns/events" >/dev/null 2>&1 || true
+  k delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
+}
+
+run_keygen() { # run_keygen LABEL ALGORITHM COUNT
+  log "$1: generating $3 $2 keys on all cores (the physical bound)"
+  "$keygen_bin" --algorithm "$2" --count "$3" >"$out/keygen-$1.txt"
+  cat "$out/keygen-$1.txt" >&2
+}
+
+run_onboard() { # run_onboard LABEL ALGORITHM COUNT STEADY TIMEOUT
+  local label="$1" algorithm="$2" count="$3" steady="$4" timeout="$5" ns
+  need_cluster
+  ns="bench-$label-$(date +%s)-$RANDOM"
+  k create namespace "$ns" >/dev/null
+  namespaces+=("$ns")
+  start_controller "$ns" "$label"
+  log "$label: creating $count $algorithm MailDomains in $ns (controller pid $controller_pid)"
+  if ! KUBECONFIG="$kubeconfig" "$onboard_bin" --namespace "$ns" --count "$count" \
+    --algorithm "$algorithm" --concurrency "$CREATE_CONCURRENCY" --domain-suffix onboard.test \
+    --controller-pid "$controller_pid" --metrics "127.0.0.1:$metrics_port" \
+    --timeout-seconds "$timeout" --steady-seconds "$steady" >"$out/onboard-$label.txt"; then
+    log "last lines of the controller's log:"
+    tail -20 "$work/controller-$label.log" >&2
+    die "$label onboarding run broken (see above)"
+  fi
+  kill -0 "$controller_pid" 2>/dev/null || die "the controller died during the $label run"
+  cp "$work/controller-$label.log" "$out/controller-$label.log"
+  log "$label: cleaning up $ns"
+  cleanup_namespace "$ns" "$label"
+  stop_pid "$controller_pid"
+  controller_pid=""
+  unset 'namespaces[-1]'
+  cat "$out/onboard-$label.txt" >&2
+}
+
+run_dns() {
+  local domains="$work/dns-domains.txt" times=() q0 q1 t0 t1 runs=3
+  log "dns: mailauth-operator check over $N_DNS domains, $runs runs"
+  q0="$(knot_queries)"
+  for r in $(seq 1 $runs); do
+    t0="$(now)"
+    if ! "$operator_bin" check --domains-file "$domains" --selector "$SELECTOR" --spf-ip "$SPF_IP" \
+      --dns-server "127.0.0.1:$knot_port" --output json >"$work/check-$r.json"; then
+      python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); bad=[d for d in r["domains"]][:1]; print(json.dumps(bad, indent=1)[:3000])' "$work/check-$r.json" >&2 || true
+      die "mailauth-operator check failed on domains built to pass"
+    fi
+    t1="$(now)"
+    times+=("$(elapsed "$t0" "$t1")")
+  done
+  q1="$(knot_queries)"
+  python3 - "$work/check-1.json" "$N_DNS" "$(( (q1 - q0) / runs ))" "${times[@]}" >"$out/dns-check.txt" <<'EOF'
+import json, statistics, sys
+report = json.load(open(sys.argv[1]))
+n = int(sys.argv[2]); knot = int(sys.argv[3]); times = [float(t) for t in sys.argv[4:]]
+if len(report["domains"]) != n or report["failed"]:
+    sys.exit(f"check reported {len(report['domains'])} domains, {report['failed']} failed")
+median = statistics.median(times)
+print(f"check_domains {n}")
+print(f"check_runs_seconds {' '.join(f'{t:.3f}' for t in times)}")
+print(f"check_seconds {median:.3f}")
+print(f"check_domains_per_second {n / median:.1f}")
+print(f"check_queries_reported {report['dnsQueries']}")
+print(f"check_queries_knot {knot}")
+print(f"check_queries_per_domain {knot / n:.2f}")
+EOF
+  cat "$out/dns-check.txt" >&2
+
+  log "dns: checkdmarc (SPF and DMARC) over the same $N_DNS domains"
+  q0="$(knot_queries)"
+  python3 tests/bench/checkdmarc_bench.py "$domains" "$knot_port" >"$out/dns-checkdmarc.txt" ||
+    die "checkdmarc did not find valid SPF and DMARC on domains built to have them"
+  q1="$(knot_queries)"
+  echo "checkdmarc_queries_knot $((q1 - q0))" >>"$out/dns-checkdmarc.txt"
+  python3 -c 'import sys; print(f"checkdmarc_queries_per_domain {int(sys.argv[1]) / int(sys.argv[2]):.2f}")' \
+    "$((q1 - q0))" "$N_DNS" >>"$out/dns-checkdmarc.txt"
+  cat "$out/dns-checkdmarc.txt" >&2
+}
+
+# --- the run ---------------------------------------------------------------------
+rm -f "$out"/keygen-*.txt "$out"/onboard-*.txt "$out"/dns-*.txt "$out/summary.txt"
+start_knot
+if [[ "$SKIP" != *,rsa,* ]]; then
+  run_keygen rsa rsa "$N"
+  # Generous: three times the bound plus 5 minutes; a broken run fails here.
+  bound="$(awk '/^keygen_seconds/ { print int($2) }' "$out/keygen-rsa.txt")"
+  run_onboard rsa RSA "$N" "$STEADY" "$((bound * 3 + 300))"
+fi
+if [[ "$SKIP" != *,ed25519,* ]]; then
+  run_keygen ed25519 ed25519 "$N_ED"
+  run_onboard ed25519 Ed25519 "$N_ED" 0 "${BENCH_ED25519_TIMEOUT_SECONDS:-900}"
+fi
+if [[ "$SKIP" != *,dns,* ]]; then
+  run_dns
+fi
+
+# --- summary -----------------------------------------------------------------------
+python3 - "$out" <<'EOF' | tee "$out/summary.txt"
+import os, sys
+out = sys.argv[1]
+
+def load(name):
+    path = os.path.join(out, name)
+    values = {}
+    if os.path.exists(path):
+        for line in open(path):
+            key, _, value = line.strip().partition(" ")
+            values[key] = value
+    return values
+
+def f(values, key):
+    return float(values[key])
+
+rows = []
+def row(what, value, target=""):
+    rows.append((what, value, target))
+
+for label, algo in (("rsa", "RSA-2048"), ("ed25519", "Ed25519")):
+    kg, ob = load(f"keygen-{label}.txt"), load(f"onboard-{label}.txt")
+    if not ob:
+        continue
+    n = int(ob["domains"])
+    row(f"Onboarding {algo}: MailDomains", f"{n}")
+    row(f"  all KeysReady after", f"{f(ob, 'ready_seconds'):.1f} s  (creates took {f(ob, 'apply_seconds'):.1f} s; p50 {f(ob, 'ready_p50_seconds'):.1f} s)",
+        "<= 60 s for 10,000" if label == "ed25519" else "")
+    row(f"  key generation alone, all cores", f"{f(kg, 'keygen_seconds'):.1f} s  ({f(kg, 'keygen_keys_per_second'):.0f} keys/s, {kg['keygen_threads']} threads)")
+    ratio = f(ob, "ready_seconds") / f(kg, "keygen_seconds")
+    row(f"  ratio onboarding / key generation", f"{ratio:.2f}x", "<= 1.25x" if label == "rsa" else "")
+    row(f"  onboarding rate", f"{f(ob, 'domains_per_second'):.1f} domains/s")
+    row(f"  controller CPU", f"{f(ob, 'controller_cpu_seconds'):.1f} s  ({f(ob, 'controller_cpu_ms_per_domain'):.1f} ms/domain)")
+    row(f"  controller peak memory (VmHWM)", f"{f(ob, 'controller_peak_rss_mib'):.1f} MiB")
+    fin = f(ob, "watched_maildomain_writes") - f(ob, "mailauth_status_writes_total")
+    row(f"  API writes/domain: status+secret (metrics)", f"{f(ob, 'writes_per_domain_metrics'):.2f}  ({ob['mailauth_status_writes_total']:.0f} status + {ob['mailauth_secret_writes_total']:.0f} secret)" if False else
+        f"{f(ob, 'writes_per_domain_metrics'):.2f}  ({f(ob, 'mailauth_status_writes_total'):.0f} status + {f(ob, 'mailauth_secret_writes_total'):.0f} secret)")
+    row(f"  API writes/domain: + finalizer patch", f"{f(ob, 'writes_per_domain_metrics_plus_finalizer'):.2f}")
+    row(f"  stored changes/domain seen by watches", f"{f(ob, 'writes_per_domain_watched'):.2f} MailDomain+Secret, {f(ob, 'writes_per_domain_watched_with_events'):.2f} with {f(ob, 'watched_event_writes'):.0f} Events")
+    if "steady_seconds" in ob:
+        s = ob["steady_seconds"]
+        row(f"  steady {s} s: API writes (MD+Secret+Event)", f"{f(ob, 'steady_watched_maildomain_writes') + f(ob, 'steady_watched_secret_writes') + f(ob, 'steady_watched_event_writes'):.0f}  ({f(ob, 'steady_writes_per_domain'):.4f}/domain; metrics: {f(ob, 'steady_mailauth_status_writes_total'):.0f} status, {f(ob, 'steady_mailauth_secret_writes_total'):.0f} secret)", "<= 1/domain/day")
+        row(f"  steady {s} s: reconciles", f"{f(ob, 'steady_mailauth_reconciles_total'):.0f}")
+        row(f"  steady {s} s: controller CPU", f"{f(ob, 'steady_controller_cpu_seconds'):.2f} s = {f(ob, 'steady_controller_cpu_percent_of_core'):.2f}% of a core", "< 1% of a core")
+        row(f"  steady: controller memory (RSS / peak)", f"{f(ob, 'steady_controller_rss_mib'):.1f} / {f(ob, 'steady_controller_peak_rss_mib'):.1f} MiB", "< 150 MB")
+
+ck, cd = load("dns-check.txt"), load("dns-checkdmarc.txt")
+if ck and cd:
+    n = int(ck["check_domains"])
+    row(f"DNS check: domains", f"{n}")
+    row(f"  mailauth-operator check (DKIM+SPF+DMARC)", f"{f(ck, 'check_seconds'):.3f} s (median of {ck['check_runs_seconds']}) = {f(ck, 'check_domains_per_second'):.0f} domains/s", "1,000 in < 1 s")
+    row(f"  checkdmarc (SPF+DMARC only)", f"{f(cd, 'checkdmarc_seconds'):.2f} s = {f(cd, 'checkdmarc_domains_per_second'):.0f} domains/s")
+    row(f"  rate ratio ours / checkdmarc", f"{f(ck, 'check_domains_per_second') / f(cd, 'checkdmarc_domains_per_second'):.1f}x", ">= 10x")
+    row(f"  DNS queries/domain, ours (knot count)", f"{f(ck, 'check_queries_per_domain'):.2f}  (check itself reports {f(ck, 'check_queries_reported') / n:.2f})")
+    row(f"  DNS queries/domain, checkdmarc (knot count)", f"{f(cd, 'checkdmarc_queries_per_domain'):.2f}", "ours fewer")
+
+w1 = max(len(r[0]) for r in rows); w2 = max(len(r[1]) for r in rows)
+print(f"{'what'.ljust(w1)}  {'measured'.ljust(w2)}  target")
+print("-" * (w1 + w2 + 20))
+for what, value, target in rows:
+    print(f"{what.ljust(w1)}  {value.ljust(w2)}  {target}".rstrip())
+print()
+print("API writes/domain counts the controller's status writes and Secret writes")
+print("(its /metrics counters), plus one finalizer patch per MailDomain; the")
+print("'seen by watches' line counts every stored change of the namespace's")
+print("MailDomains (minus the creates) and Secrets, then also Events.")
+EOF
+log "summary written to $out/summary.txt"
