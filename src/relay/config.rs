@@ -50,7 +50,9 @@ pub struct UpstreamAuth {
 
 impl fmt::Debug for UpstreamAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamAuth").field("username", &self.username).finish_non_exhaustive()
+        f.debug_struct("UpstreamAuth")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
     }
 }
 
