@@ -527,7 +527,7 @@ async fn apply_secret(
     entries: &BTreeMap<String, PrivateKeyPem>,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let secret = secrets::keys_secret(domain, entries, true);
+    let secret = secrets::keys_secret(domain, entries);
     api.patch(
         &secrets::keys_secret_name(domain),
         &PatchParams::apply(FIELD_MANAGER).force(),

@@ -70,21 +70,28 @@ pub fn is_ours(secret: &Secret, domain: &MailDomain) -> bool {
     owned || labelled
 }
 
-/// The key Secret holding exactly `entries` (selector → PEM), owned by the
-/// MailDomain when `owned` (the `Retain` policy drops the owner on deletion).
-pub fn keys_secret(
-    domain: &MailDomain,
-    entries: &BTreeMap<String, PrivateKeyPem>,
-    owned: bool,
-) -> Secret {
-    let owner: Option<OwnerReference> = if owned {
-        domain.controller_owner_ref(&())
-    } else {
-        None
-    };
+/// The key Secret holding exactly `entries` (selector → PEM). It is owned
+/// by the MailDomain; the `Retain` policy drops the owner on deletion.
+pub fn keys_secret(domain: &MailDomain, entries: &BTreeMap<String, PrivateKeyPem>) -> Secret {
+    let data = entries
+        .iter()
+        .map(|(selector, pem)| {
+            (
+                entry_name(selector),
+                ByteString(pem.expose_secret().as_bytes().to_vec()),
+            )
+        })
+        .collect();
+    domain_secret(domain, keys_secret_name(domain), data)
+}
+
+/// A Secret belonging to a MailDomain: in its namespace, labelled so the
+/// controller watches it, owned by it.
+fn domain_secret(domain: &MailDomain, name: String, data: BTreeMap<String, ByteString>) -> Secret {
+    let owner: Option<OwnerReference> = domain.controller_owner_ref(&());
     Secret {
         metadata: ObjectMeta {
-            name: Some(keys_secret_name(domain)),
+            name: Some(name),
             namespace: domain.meta().namespace.clone(),
             labels: Some(BTreeMap::from([
                 (
@@ -97,17 +104,7 @@ pub fn keys_secret(
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(
-            entries
-                .iter()
-                .map(|(selector, pem)| {
-                    (
-                        entry_name(selector),
-                        ByteString(pem.expose_secret().as_bytes().to_vec()),
-                    )
-                })
-                .collect(),
-        ),
+        data: Some(data),
         ..Secret::default()
     }
 }
@@ -157,31 +154,14 @@ pub fn credentials_secret(
     username: &str,
     password: &str,
 ) -> Secret {
-    let owner: Option<OwnerReference> = domain.controller_owner_ref(&());
     let text = |v: &str| ByteString(v.as_bytes().to_vec());
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(credentials_secret_name(domain)),
-            namespace: domain.meta().namespace.clone(),
-            labels: Some(BTreeMap::from([
-                (
-                    MAILDOMAIN_LABEL.to_string(),
-                    domain.meta().name.clone().unwrap_or_default(),
-                ),
-                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-            ])),
-            owner_references: owner.map(|o| vec![o]),
-            ..ObjectMeta::default()
-        },
-        type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([
-            ("host".to_string(), text(host)),
-            ("port".to_string(), text(&port.to_string())),
-            ("username".to_string(), text(username)),
-            ("password".to_string(), text(password)),
-        ])),
-        ..Secret::default()
-    }
+    let data = BTreeMap::from([
+        ("host".to_string(), text(host)),
+        ("port".to_string(), text(&port.to_string())),
+        ("username".to_string(), text(username)),
+        ("password".to_string(), text(password)),
+    ]);
+    domain_secret(domain, credentials_secret_name(domain), data)
 }
 
 /// (username, password) from a credentials Secret.
@@ -217,7 +197,7 @@ mod tests {
         let md = domain();
         let entries =
             BTreeMap::from([("ma20261126a".to_string(), PrivateKeyPem::new("PEM".into()))]);
-        let secret = keys_secret(&md, &entries, true);
+        let secret = keys_secret(&md, &entries);
         assert_eq!(secret.metadata.name.as_deref(), Some("acme-dkim"));
         assert_eq!(
             stored_selectors(&secret),
@@ -269,11 +249,5 @@ mod tests {
             credential_salt("acme.tenant"),
             credential_salt("other.tenant")
         );
-    }
-
-    #[test]
-    fn retained_secret_has_no_owner() {
-        let secret = keys_secret(&domain(), &BTreeMap::new(), false);
-        assert!(secret.metadata.owner_references.is_none());
     }
 }
