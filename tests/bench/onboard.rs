@@ -48,6 +48,8 @@ struct Args {
     metrics: String,
     timeout: Duration,
     steady: Duration,
+    /// Other processes whose CPU to report (`LABEL:PID`), e.g. the API server.
+    peers: Vec<(String, u32)>,
 }
 
 fn parse_args() -> Args {
@@ -61,6 +63,7 @@ fn parse_args() -> Args {
         metrics: String::new(),
         timeout: Duration::from_secs(3600),
         steady: Duration::ZERO,
+        peers: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -82,6 +85,14 @@ fn parse_args() -> Args {
             "--metrics" => args.metrics = value(),
             "--timeout-seconds" => args.timeout = Duration::from_secs(number(value())),
             "--steady-seconds" => args.steady = Duration::from_secs(number(value())),
+            "--peer-pid" => {
+                let text = value();
+                let (label, pid) = text
+                    .split_once(':')
+                    .unwrap_or_else(|| die("--peer-pid: LABEL:PID"));
+                args.peers
+                    .push((label.to_string(), number(pid.to_string()) as u32));
+            }
             "--bench" => {}
             other => die(&format!("unknown argument {other}")),
         }
@@ -191,6 +202,33 @@ fn sample_proc(pid: u32, ticks: f64) -> ProcSample {
         hwm_kib: kib("VmHWM:"),
         rss_kib: kib("VmRSS:"),
     }
+}
+
+/// CPU seconds a process has used, if it still runs.
+fn process_cpu(pid: u32, ticks: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks)
+}
+
+/// Busy and total core-seconds of the whole machine, from /proc/stat.
+fn machine_cpu(ticks: f64) -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / ticks, total / ticks)
 }
 
 /// The controller's `mailauth_*` counters, summed over labels.
@@ -393,6 +431,12 @@ async fn main() {
     }
 
     let proc0 = sample_proc(args.controller_pid, ticks);
+    let machine0 = machine_cpu(ticks);
+    let peers0: Vec<Option<f64>> = args
+        .peers
+        .iter()
+        .map(|(_, pid)| process_cpu(*pid, ticks))
+        .collect();
     let metrics0 = scrape(&args.metrics);
     let started = Instant::now();
     *readiness.started.lock().unwrap() = Some(started);
@@ -485,6 +529,12 @@ async fn main() {
     }
     let ready_seconds = started.elapsed().as_secs_f64();
     let proc1 = sample_proc(args.controller_pid, ticks);
+    let machine1 = machine_cpu(ticks);
+    let peers1: Vec<Option<f64>> = args
+        .peers
+        .iter()
+        .map(|(_, pid)| process_cpu(*pid, ticks))
+        .collect();
     let metrics1 = scrape(&args.metrics);
     let md1 = md_changes.applied();
     let secrets1 = secrets.applied();
@@ -518,6 +568,16 @@ async fn main() {
         "controller_cpu_ms_per_domain {:.2}",
         (proc1.cpu_seconds - proc0.cpu_seconds) * 1000.0 / n
     );
+    println!("machine_busy_core_seconds {:.2}", machine1.0 - machine0.0);
+    println!(
+        "machine_busy_percent {:.1}",
+        (machine1.0 - machine0.0) * 100.0 / (machine1.1 - machine0.1).max(1e-9)
+    );
+    for (((label, _), before), after) in args.peers.iter().zip(&peers0).zip(&peers1) {
+        if let (Some(before), Some(after)) = (before, after) {
+            println!("peer_cpu_seconds_{label} {:.2}", after - before);
+        }
+    }
     println!(
         "controller_peak_rss_mib {:.1}",
         proc1.hwm_kib as f64 / 1024.0
