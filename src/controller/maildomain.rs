@@ -179,11 +179,12 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
     let secret_name = secrets::keys_secret_name(domain);
     let secret = secrets_api.get_opt(&secret_name).await?;
     let secret_is_ours = secret.as_ref().is_none_or(|s| secrets::is_ours(s, domain));
-    let stored = secret
+    let mut stored_entries = secret
         .as_ref()
         .filter(|_| secret_is_ours)
-        .map(secrets::stored_selectors)
+        .map(secrets::stored_entries)
         .unwrap_or_default();
+    let stored: std::collections::HashSet<String> = stored_entries.keys().cloned().collect();
 
     let (relay, admitted_by) = relay_facts(domain, &namespace, ctx).await?;
     let spf: Option<SpfAuthorization> = admitted_by.as_ref().map(|r| r.spec.spf.clone());
@@ -220,7 +221,7 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
             if !previous_dkim.keys.is_empty() {
                 ctx.metrics.rotations.inc();
             }
-            match generate_and_store(domain, &plan, secret.as_ref(), &secrets_api, ctx).await {
+            match generate_and_store(domain, &plan, &mut stored_entries, &secrets_api, ctx).await {
                 Ok(keys) => generated = keys,
                 Err(err) => {
                     publish(
@@ -332,18 +333,15 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
     )
     .await?;
 
-    // Only now that status says Retired may the private keys go.
-    if let (Some(plan), Some(secret)) = (&plan, &secret)
-        && !plan.remove_private_keys.is_empty()
-    {
-        let keep: BTreeMap<String, PrivateKeyPem> = secrets::stored_selectors(secret)
-            .into_iter()
-            .filter(|selector| !plan.remove_private_keys.contains(selector))
-            .filter_map(|selector| {
-                secrets::stored_key(secret, &selector).map(|pem| (selector, pem))
-            })
-            .collect();
-        apply_secret(&secrets_api, domain, &keep, ctx).await?;
+    // Only now that status says Retired may the private keys go. The
+    // entries are the Secret as this reconcile left it, keys it just
+    // generated included.
+    if let Some(plan) = &plan {
+        let before = stored_entries.len();
+        stored_entries.retain(|selector, _| !plan.remove_private_keys.contains(selector));
+        if stored_entries.len() != before {
+            apply_secret(&secrets_api, domain, &stored_entries, ctx).await?;
+        }
     }
 
     publish_changes(domain, &previous, &desired, plan.as_ref(), ctx).await;
@@ -483,13 +481,13 @@ fn next_check_delay(
     SignedDuration::try_from(base.mul_f64(jitter)).unwrap_or(SignedDuration::from_secs(30))
 }
 
-/// Generates the planned keys on the bounded blocking pool and stores them
-/// (with every key already stored) in the Secret. Returns them with their
-/// generation numbers.
+/// Generates the planned keys on the bounded blocking pool and stores them,
+/// with every key already stored (`entries`, updated in place), in the
+/// Secret. Returns them with their generation numbers.
 async fn generate_and_store(
     domain: &MailDomain,
     plan: &RotationPlan,
-    secret: Option<&Secret>,
+    entries: &mut BTreeMap<String, PrivateKeyPem>,
     secrets_api: &Api<Secret>,
     ctx: &Context,
 ) -> Result<Vec<(GeneratedKey, u32)>, Error> {
@@ -506,18 +504,12 @@ async fn generate_and_store(
         ctx.metrics.keys_generated.inc();
         generated.push((key, generation));
     }
-    let mut entries: BTreeMap<String, PrivateKeyPem> = secret
-        .map(|s| {
-            secrets::stored_selectors(s)
-                .into_iter()
-                .filter_map(|selector| secrets::stored_key(s, &selector).map(|pem| (selector, pem)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut updated = entries.clone();
     for (key, _) in &generated {
-        entries.insert(key.selector.clone(), key.private_key_pem.clone());
+        updated.insert(key.selector.clone(), key.private_key_pem.clone());
     }
-    apply_secret(secrets_api, domain, &entries, ctx).await?;
+    apply_secret(secrets_api, domain, &updated, ctx).await?;
+    *entries = updated;
     Ok(generated)
 }
 

@@ -41,6 +41,14 @@ pub fn stored_selectors(secret: &Secret) -> HashSet<String> {
         .collect()
 }
 
+/// Every stored private key, by selector.
+pub fn stored_entries(secret: &Secret) -> BTreeMap<String, PrivateKeyPem> {
+    stored_selectors(secret)
+        .into_iter()
+        .filter_map(|selector| stored_key(secret, &selector).map(|pem| (selector, pem)))
+        .collect()
+}
+
 /// The stored private key of a selector, if present.
 pub fn stored_key(secret: &Secret, selector: &str) -> Option<PrivateKeyPem> {
     let bytes = secret.data.as_ref()?.get(&entry_name(selector))?;

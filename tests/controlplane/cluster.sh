@@ -5,6 +5,7 @@
 #   cluster.sh up     start it in the background (or reuse a running one)
 #   cluster.sh down   stop it and remove its state
 #   cluster.sh status exit 0 when it answers
+#   cluster.sh restart-apiserver  stop and start kube-apiserver (recovery tests)
 #
 # State lives in ${CLUSTER_DIR:-<repo>/target/cluster}: kubeconfig, certs,
 # logs, pids, and bin/ with the matching kubectl and helm.
@@ -97,6 +98,44 @@ EOF
   mv "$kubeconfig.tmp" "$kubeconfig"
 }
 
+start_apiserver() { # start_apiserver <bin dir> <etcd port> <api port>
+  local bin="$1" etcd_port="$2" api_port="$3" pki="$dir/pki"
+  setsid "$bin/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --cert-dir "$pki" \
+    --tls-cert-file "$pki/apiserver.crt" \
+    --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --secure-port "$api_port" \
+    --bind-address 127.0.0.1 \
+    --advertise-address 127.0.0.1 \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" \
+    --service-account-signing-key-file "$pki/sa.key" \
+    --disable-admission-plugins ServiceAccount \
+    --allow-privileged=true \
+    --endpoint-reconciler-type=none \
+    >>"$dir/kube-apiserver.log" 2>&1 </dev/null 9>&- &
+  echo $! > "$dir/kube-apiserver.pid"
+}
+
+# Stops kube-apiserver and starts it again on the same port and etcd, for
+# tests that show clients recover by themselves.
+restart_apiserver() {
+  local bin ports pid
+  bin="$("$here/build.sh")"
+  read -r etcd_port api_port < "$dir/ports"
+  pid="$(cat "$dir/kube-apiserver.pid")"
+  kill "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  start_apiserver "$bin" "$etcd_port" "$api_port"
+  wait_for 120 kube-apiserver running
+  log "kube-apiserver restarted"
+}
+
 up() {
   mkdir -p "$dir"
   # One starter at a time: parallel test binaries may all ask at once. The
@@ -136,26 +175,8 @@ up() {
   echo $! > "$dir/etcd.pid"
   wait_for 60 etcd curl -fsS "http://127.0.0.1:$etcd_port/health"
 
-  local pki="$dir/pki"
-  setsid "$bin/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --cert-dir "$pki" \
-    --tls-cert-file "$pki/apiserver.crt" \
-    --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" \
-    --secure-port "$api_port" \
-    --bind-address 127.0.0.1 \
-    --advertise-address 127.0.0.1 \
-    --service-cluster-ip-range 10.0.0.0/24 \
-    --authorization-mode RBAC \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$pki/sa.pub" \
-    --service-account-signing-key-file "$pki/sa.key" \
-    --disable-admission-plugins ServiceAccount \
-    --allow-privileged=true \
-    --endpoint-reconciler-type=none \
-    >"$dir/kube-apiserver.log" 2>&1 </dev/null 9>&- &
-  echo $! > "$dir/kube-apiserver.pid"
+  echo "$etcd_port $api_port" > "$dir/ports"
+  start_apiserver "$bin" "$etcd_port" "$api_port"
   write_kubeconfig "$api_port"
   wait_for 120 kube-apiserver running
   # The default namespace and RBAC bootstrap roles appear shortly after
@@ -168,5 +189,6 @@ case "${1:-}" in
   up) up ;;
   down) stop; rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig"; log "down" ;;
   status) running ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  restart-apiserver) restart_apiserver ;;
+  *) echo "usage: $0 up|down|status|restart-apiserver" >&2; exit 2 ;;
 esac
