@@ -243,7 +243,9 @@ impl Session {
                     } => {
                         if receiver.ingest(&mut bytes, message) {
                             let message = std::mem::take(message);
-                            let too_big = *too_big;
+                            // A message that arrived in one read was never
+                            // measured below: check it here too.
+                            let too_big = *too_big || message.len() > self.max_message_bytes();
                             let (code, text) = self.deliver(message, too_big).await;
                             reply(&mut out, code, &text);
                             Next::Mode(Mode::Command)
