@@ -475,3 +475,168 @@ impl Drop for Relay {
         let _ = self.child.wait();
     }
 }
+
+impl SmtpSink {
+    /// Starts the sink again on the same port, keeping what it stored:
+    /// an upstream coming back after an outage.
+    pub fn restart(&mut self) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // smtp-sink names a dump file by the template plus a pseudo-random
+        // suffix, and gives up ("mail_file_open: something is looping")
+        // when those names keep colliding with files an earlier instance
+        // wrote: each instance gets its own prefix.
+        static RESTARTS: AtomicUsize = AtomicUsize::new(0);
+        let generation = RESTARTS.fetch_add(1, Ordering::Relaxed) + 1;
+        self.stop();
+        let template = format!("{}/r{generation}-%M.", self.dir.path().display());
+        let child = Command::new("smtp-sink")
+            .args(["-u", "root", "-d", &template])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("100")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running smtp-sink (Debian package `postfix`)");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(START_TIMEOUT, || accepts_connections(port).then_some(())).is_some(),
+            "smtp-sink did not listen on {port} again"
+        );
+    }
+
+    /// Whether some stored message has `needle` in its headers or body.
+    /// Reads the raw files, so a file still being written counts as soon
+    /// as the needle is in it.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.raw_files()
+            .iter()
+            .any(|raw| String::from_utf8_lossy(raw).contains(needle))
+    }
+
+    /// Every stored file's raw bytes, as the sink wrote them.
+    pub fn raw_files(&self) -> Vec<Vec<u8>> {
+        std::fs::read_dir(self.dir.path())
+            .map(|entries| {
+                entries
+                    .filter_map(|entry| entry.ok())
+                    .filter_map(|entry| std::fs::read(entry.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A plain-text SMTP client on a raw socket, for tests that need exact
+/// reply codes, many submissions quickly (swaks starts a Perl process per
+/// message) or bytes no well-behaved client sends. AUTH without STARTTLS
+/// needs a relay whose config sets `allowPlaintextAuth`.
+pub struct SmtpConnection {
+    reader: std::io::BufReader<TcpStream>,
+    writer: TcpStream,
+    /// The server's greeting.
+    pub greeting: String,
+}
+
+impl SmtpConnection {
+    /// Connects and reads the greeting.
+    pub fn connect(port: u16) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let writer = stream.try_clone()?;
+        let mut connection = Self {
+            reader: std::io::BufReader::new(stream),
+            writer,
+            greeting: String::new(),
+        };
+        connection.greeting = connection.read_reply()?;
+        Ok(connection)
+    }
+
+    /// Reads one (possibly multi-line) reply. An empty string means the
+    /// server closed the connection.
+    pub fn read_reply(&mut self) -> std::io::Result<String> {
+        use std::io::BufRead;
+        let mut reply = String::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Ok(reply);
+            }
+            reply.push_str(&line);
+            // The last line of a reply has a space (or nothing) after its code.
+            if line.len() < 5 || line.as_bytes()[3] != b'-' {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Writes bytes as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
+    /// Sends one command line and reads its reply.
+    pub fn command(&mut self, line: &str) -> std::io::Result<String> {
+        self.send_raw(format!("{line}\r\n").as_bytes())?;
+        self.read_reply()
+    }
+
+    /// EHLO then AUTH PLAIN; returns the AUTH reply.
+    pub fn ehlo_and_auth(&mut self, username: &str, password: &str) -> std::io::Result<String> {
+        use base64::Engine as _;
+        let ehlo = self.command("EHLO client.test")?;
+        if !ehlo.starts_with("250") {
+            return Ok(ehlo);
+        }
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{username}\0{password}"));
+        self.command(&format!("AUTH PLAIN {token}"))
+    }
+
+    /// One transaction: MAIL, RCPT, DATA, the dot-stuffed message (CRLF
+    /// line ends) and the final dot. Returns the first reply that is not
+    /// a success, or the reply to the final dot: the code that tells the
+    /// client whether the message was taken.
+    pub fn submit(
+        &mut self,
+        mail_from: &str,
+        rcpt_to: &str,
+        data: &str,
+    ) -> std::io::Result<String> {
+        for (command, expected) in [
+            (format!("MAIL FROM:<{mail_from}>"), "250"),
+            (format!("RCPT TO:<{rcpt_to}>"), "250"),
+            ("DATA".to_string(), "354"),
+        ] {
+            let reply = self.command(&command)?;
+            if !reply.starts_with(expected) {
+                if expected != "354" && !reply.is_empty() {
+                    // Leave the server ready for the next transaction.
+                    let _ = self.command("RSET");
+                }
+                return Ok(reply);
+            }
+        }
+        let mut stuffed = String::with_capacity(data.len() + 16);
+        for line in data.split_inclusive("\r\n") {
+            if line.starts_with('.') {
+                stuffed.push('.');
+            }
+            stuffed.push_str(line);
+        }
+        if !stuffed.ends_with("\r\n") {
+            stuffed.push_str("\r\n");
+        }
+        stuffed.push_str(".\r\n");
+        self.send_raw(stuffed.as_bytes())?;
+        self.read_reply()
+    }
+}
+
+/// The three-digit code at the start of a reply, if any.
+pub fn reply_code(reply: &str) -> Option<u16> {
+    reply.get(..3)?.parse().ok()
+}
