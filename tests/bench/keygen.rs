@@ -75,15 +75,38 @@ fn main() {
         }
     });
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = own_cpu_seconds();
     println!("keygen_algorithm {algorithm:?}");
     println!("keygen_count {count}");
     println!("keygen_threads {threads}");
     println!("keygen_seconds {seconds:.3}");
     println!("keygen_keys_per_second {:.1}", count as f64 / seconds);
+    println!("keygen_cpu_seconds {cpu:.2}");
+    println!("keygen_cpu_ms_per_key {:.2}", cpu * 1000.0 / count as f64);
     println!(
         "keygen_ms_per_key_per_thread {:.2}",
         seconds * 1000.0 * threads as f64 / count as f64
     );
+}
+
+/// CPU seconds (user + system) this process has used, from /proc/self/stat.
+fn own_cpu_seconds() -> f64 {
+    let ticks = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    fields.iter().sum::<f64>() / ticks
 }
 
 fn die(message: &str) -> ! {
