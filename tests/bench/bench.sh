@@ -408,5 +408,10 @@ print("API writes/domain counts the controller's status writes and Secret writes
 print("(its /metrics counters), plus one finalizer patch per MailDomain; the")
 print("'seen by watches' line counts every stored change of the namespace's")
 print("MailDomains (minus the creates) and Secrets, then also Events.")
+print("'keys generated' above the number of domains means some domains got a")
+print("second key during onboarding. The steady sample is KeysReady domains whose")
+print("records are not published in DNS (knot answers NXDOMAIN): the controller")
+print("re-checks them on its retry backoff, so it is busier than the all-Ready,")
+print("verified steady state the product target speaks of.")
 EOF
 log "summary written to $out/summary.txt"

@@ -128,14 +128,14 @@ async fn client(
         let connector = mail_send::smtp::tls::build_tls_connector(true)?;
         let mut tls = plain.start_tls(&connector, "relay.bench").await?;
         let capabilities = tls.ehlo("load.test").await?;
-        send_all(&mut tls, capabilities, &options, first_id, count).await
+        send_all(tls, capabilities, &options, first_id, count).await
     } else {
-        send_all(&mut plain, capabilities, &options, first_id, count).await
+        send_all(plain, capabilities, &options, first_id, count).await
     }
 }
 
 async fn send_all<S: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut SmtpClient<S>,
+    mut client: SmtpClient<S>,
     capabilities: smtp_proto::EhloResponse<String>,
     options: &Options,
     first_id: usize,
