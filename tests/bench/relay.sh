@@ -24,10 +24,12 @@ OUT_DIR=$ROOT/target/bench
 OUT=$OUT_DIR/relay.txt
 mkdir -p "$OUT_DIR"
 
-# OpenDKIM refuses keys below a world-writable directory: keep everything
-# in a private one.
+# Postfix's daemons run as user postfix and must reach their directories
+# below this one: others may traverse it, not list it. (OpenDKIM would
+# refuse the key below /tmp, which is world-writable; RequireSafeKeys is
+# off below.)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/relay-bench.XXXXXX")
-chmod 0700 "$WORK"
+chmod 0711 "$WORK"
 PIDS=()
 POSTFIX_DIR=""
 
@@ -125,6 +127,7 @@ TENANT=bench
 PASSWORD=bench-password-0123456789
 
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$WORK/dkim.pem" 2>/dev/null
+chmod 0600 "$WORK/dkim.pem"
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=relay.bench \
     -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
@@ -344,6 +347,7 @@ EOF
     # relay only.
     POSTFIX_DIR=$WORK/postfix
     mkdir -p "$POSTFIX_DIR/etc" "$POSTFIX_DIR/queue" "$POSTFIX_DIR/data"
+    chown postfix "$POSTFIX_DIR/data"
     cp /etc/postfix/master.cf "$POSTFIX_DIR/etc/master.cf"
     POSTFIX_PORT=$(free_port)
     cat >"$POSTFIX_DIR/etc/main.cf" <<EOF
