@@ -159,11 +159,17 @@ async fn reconcile(domain: Arc<MailDomain>, rec: Arc<Reconciler>) -> Result<Acti
         }
     })
     .await;
-    result.map_err(|err| match err {
-        kube::runtime::finalizer::Error::ApplyFailed(err)
-        | kube::runtime::finalizer::Error::CleanupFailed(err) => err,
-        other => Error::Finalizer(other.to_string()),
-    })
+    use kube::runtime::finalizer::Error as FinalizerError;
+    match result {
+        Ok(action) => Ok(action),
+        // A reconcile queued before the object went away (a Secret event
+        // during deletion) finds it already gone: cleanup is done.
+        Err(FinalizerError::RemoveFinalizer(kube::Error::Api(status))) if status.code == 404 => {
+            Ok(Action::await_change())
+        }
+        Err(FinalizerError::ApplyFailed(err) | FinalizerError::CleanupFailed(err)) => Err(err),
+        Err(other) => Err(Error::Finalizer(other.to_string())),
+    }
 }
 
 async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
