@@ -225,6 +225,10 @@ cleanup_namespace() { # cleanup_namespace NAMESPACE LABEL
       break
     fi
     sleep 2
+    # Re-issue it now and then, in case a timed-out one stopped half-way.
+    if ((SECONDS % 30 < 2)); then
+      k delete --raw "/apis/mailauth.dev/v1alpha1/namespaces/$ns/maildomains" >/dev/null 2>&1 || true
+    fi
   done
   echo "cleanup_seconds $(elapsed "$t0" "$(now)")" >>"$out/onboard-$label.txt"
   k delete --raw "/api/v1/namespaces/$ns/secrets" >/dev/null 2>&1 || true
