@@ -126,6 +126,13 @@ start_apiserver() { # start_apiserver <bin dir> <etcd port> <api port>
 restart_apiserver() {
   local bin ports pid
   bin="$("$here/build.sh")"
+  if [[ ! -f "$dir/ports" ]]; then
+    # Started by an older version of this script: read the ports back from
+    # the running processes.
+    etcd_port="$(tr '\0' ' ' < "/proc/$(cat "$dir/etcd.pid")/cmdline" | grep -o 'listen-client-urls http://127.0.0.1:[0-9]*' | grep -o '[0-9]*$')"
+    api_port="$(tr '\0' ' ' < "/proc/$(cat "$dir/kube-apiserver.pid")/cmdline" | grep -o 'secure-port [0-9]*' | grep -o '[0-9]*$')"
+    echo "$etcd_port $api_port" > "$dir/ports"
+  fi
   read -r etcd_port api_port < "$dir/ports"
   pid="$(cat "$dir/kube-apiserver.pid")"
   kill "$pid"
