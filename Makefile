@@ -51,9 +51,10 @@ unit:
 demo:
 	tests/demo/demo.sh
 
-## bench: benchmarks (numbers, not pass/fail)
+## bench: benchmarks (numbers, not pass/fail): onboarding, DNS checks, relay
 bench:
 	tests/bench/bench.sh
+	tests/bench/relay.sh
 
 clean: cluster-down
 	$(CARGO) clean
