@@ -106,6 +106,8 @@ postfix_cpu_ticks() {
 }
 
 TICKS_PER_SECOND=$(getconf CLK_TCK)
+# Other work on the machine skews every figure here: say how busy it was.
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
 ### Build #####################################################################
 
@@ -462,6 +464,7 @@ fi
 {
     printf 'Relay benchmark, %s, %s cores, commit %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(nproc)" \
         "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    printf 'Load average (1, 5, 15 min) before: %s, after: %s\n' "$LOAD_BEFORE" "$(cut -d' ' -f1-3 /proc/loadavg)"
     printf 'STARTTLS + AUTH PLAIN, RSA-2048 relaxed/relaxed, smtp-sink upstream, one connection per client.\n\n'
     printf '%7s %4s %6s %9s %8s %8s %8s %8s %8s %8s %9s %9s %7s\n' \
         size conc msgs "msgs/s" "p50 ms" "p99 ms" "sink p50" "sink p99" "+p50 ms" "+p99 ms" \
