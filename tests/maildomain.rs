@@ -712,3 +712,42 @@ async fn wait_until_async(check: impl Fn() -> bool) {
     }
     panic!("condition not reached within 30 s");
 }
+
+#[tokio::test]
+async fn onboarding_many_domains_at_once_generates_exactly_one_key_each() {
+    let f = fixture("onboard").await;
+    let names: Vec<String> = (0..60).map(|i| format!("d{i:02}")).collect();
+    futures::future::join_all(names.iter().map(|name| {
+        f.create(name, serde_json::json!({"domain": format!("{name}.{ZONE}"), "dkim": {"algorithm": "Ed25519"}}))
+    }))
+    .await;
+    for name in &names {
+        let md = wait_for(&f.domains, name, "KeysReady", |md| {
+            is(md, ConditionType::KeysReady, ConditionStatus::True)
+        })
+        .await;
+        let listed: Vec<String> = keys(&md).into_iter().map(|k| k.selector).collect();
+        assert_eq!(listed.len(), 1, "{name}: one key in status: {listed:?}");
+        let secret = f
+            .secrets
+            .get(&format!("{name}-dkim"))
+            .await
+            .expect("key Secret");
+        let stored: Vec<String> = secret
+            .data
+            .unwrap_or_default()
+            .keys()
+            .map(|k| k.trim_end_matches(".pem").to_string())
+            .collect();
+        assert_eq!(
+            stored, listed,
+            "{name}: the Secret holds exactly the keys status lists"
+        );
+    }
+    assert_eq!(
+        f.operator.ctx.metrics.keys_generated.get(),
+        names.len() as u64,
+        "one key generated per domain, none thrown away"
+    );
+    f.finish().await;
+}

@@ -223,6 +223,13 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
             dns: &verdicts,
             private_keys_present: &stored,
         })?;
+        // Generating is the one step that is not idempotent (new random
+        // keys), so it must never act on a stale copy: a reconcile set off
+        // by our own Secret write can run before the watch has delivered the
+        // status we just wrote, and would generate a second key.
+        if !plan.generate.is_empty() && is_stale(domain, ctx).await? {
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
         if !plan.generate.is_empty() {
             if !previous_dkim.keys.is_empty() {
                 ctx.metrics.rotations.inc();
@@ -366,6 +373,17 @@ async fn apply(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error> {
         Some(at) => Action::requeue(until(now, at)),
         None => Action::requeue(ctx.settings.recheck_interval),
     })
+}
+
+/// Whether the API server holds a newer version of this MailDomain than the
+/// one being reconciled (a quorum read, not the cache).
+async fn is_stale(domain: &MailDomain, ctx: &Context) -> Result<bool, Error> {
+    let api: Api<MailDomain> = Api::namespaced(
+        ctx.client.clone(),
+        &domain.namespace().ok_or(Error::NotNamespaced)?,
+    );
+    let fresh = api.get_opt(&domain.name_any()).await?;
+    Ok(fresh.is_none_or(|fresh| fresh.resource_version() != domain.resource_version()))
 }
 
 fn until(now: Timestamp, at: Timestamp) -> Duration {
