@@ -24,9 +24,23 @@ wait_until() { # wait_until <seconds> <what> <command...>
   done
 }
 
-for tool in knotd knsupdate swaks smtp-sink openssl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: run 'bash .ci/install-deps' (as root) first" >&2; exit 1; }
-done
+# The real peers the demo talks to; a fresh machine gets them from Debian.
+missing_tools() {
+  local tool
+  for tool in knotd knsupdate kdig swaks smtp-sink openssl curl; do
+    command -v "$tool" >/dev/null || return 0
+  done
+  /usr/bin/python3 -c 'import dkim, dns.resolver' 2>/dev/null || return 0
+  return 1
+}
+if missing_tools; then
+  if ((EUID == 0)); then
+    bash .ci/install-deps
+  else
+    echo "knot, swaks, postfix (smtp-sink) or python3-dkim are missing: run 'sudo bash .ci/install-deps'" >&2
+    exit 1
+  fi
+fi
 
 work="$(mktemp -d /tmp/mailauth-demo.XXXXXX)"
 ns="mailauth-demo"
