@@ -26,10 +26,6 @@ impl Duration {
         Self { hours: days * 24 }
     }
 
-    pub const fn hours(self) -> u32 {
-        self.hours
-    }
-
     pub fn to_signed(self) -> jiff::SignedDuration {
         jiff::SignedDuration::from_hours(i64::from(self.hours))
     }

@@ -10,14 +10,13 @@ use super::duration::Duration;
 /// A lowercase FQDN: labels of 1-63 letters, digits and inner hyphens, at
 /// least two labels, a top-level label that starts with a letter (so IP
 /// literals are refused), no trailing dot, no wildcard.
-/// (`[.]` rather than an escaped dot so the same text is valid in a CEL
-/// string literal and in Rust.)
+/// (`[.]` rather than an escaped dot, so the text needs no escaping inside
+/// a CEL string literal.)
 macro_rules! domain_pattern {
     () => {
         "^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?[.])+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
     };
 }
-pub const DOMAIN_PATTERN: &str = domain_pattern!();
 
 /// One or more DNS labels relative to a domain, such as `bounce`.
 macro_rules! relative_name_pattern {
