@@ -159,6 +159,24 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
         "the relay config never holds the password"
     );
 
+    // The relay's status is written last, after its config, Deployment and
+    // Service.
+    let relay = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        kube::runtime::wait::await_condition(relays.clone(), "shared", |r: Option<&MailRelay>| {
+            r.and_then(|r| r.status.as_ref())
+                .is_some_and(|s| s.domains == 1)
+        }),
+    )
+    .await
+    .expect("the relay counts the domain in its status")
+    .expect("watching the relay")
+    .expect("the relay exists");
+    assert!(Condition::is_true(
+        &relay.status.unwrap().conditions,
+        ConditionType::Configured
+    ));
+
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let deployment = deployments
         .get("shared-relay")
@@ -182,12 +200,6 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
             .port,
         587
     );
-    let relay = relays.get("shared").await.unwrap();
-    assert_eq!(relay.status.as_ref().map(|s| s.domains), Some(1));
-    assert!(Condition::is_true(
-        &relay.status.unwrap().conditions,
-        ConditionType::Configured
-    ));
 
     // Deleted: the domain leaves the relay config before the MailDomain is gone.
     let uid = domains.get("acme").await.unwrap().metadata.uid.unwrap();
