@@ -175,8 +175,13 @@ impl DnsResolver {
                 ResolverOpts::default(),
             )
         };
-        // No cache: a check must see a record published a second ago.
+        // No cache: a check must see a record published (or removed) a
+        // second ago. A zero-sized cache is not enough: its entries are
+        // evicted lazily and can still be served in the meantime, so every
+        // answer also expires the moment it arrives.
         options.cache_size = 0;
+        options.positive_max_ttl = Some(Duration::ZERO);
+        options.negative_max_ttl = Some(Duration::ZERO);
         options.timeout = settings.timeout;
         options.attempts = settings.attempts.max(1);
         options.use_hosts_file = ResolveHosts::Never;

@@ -234,9 +234,15 @@ impl Knot {
     }
 
     /// Freezes knotd (SIGSTOP): queries get no answer and time out, as with
-    /// a server that is down or unreachable.
+    /// a server that is down or unreachable. Returns once a query has gone
+    /// unanswered: right after the signal, knotd was seen answering a query
+    /// within the next millisecond.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let silent = wait_until(READY_TIMEOUT, || {
+            self.query_status(".", "SOA").is_none().then_some(())
+        });
+        assert!(silent.is_some(), "knotd still answers after SIGSTOP");
     }
 
     /// Lets a paused knotd answer again.
