@@ -110,7 +110,51 @@ struct Fixture {
     sink: SmtpSink,
     config: KubeletDir,
     relay: Relay,
-    _tls_dir: tempfile::TempDir,
+    /// The relay's `kubernetes.io/tls` Secret volume.
+    tls: KubeletDir,
+}
+
+/// A new self-signed certificate for the relay, as the files of a
+/// `kubernetes.io/tls` Secret, and its SHA-256 fingerprint.
+fn certificate_files() -> (Vec<(&'static str, Vec<u8>)>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = self_signed_certificate(dir.path(), RELAY_HOST);
+    let files = vec![
+        ("tls.crt", std::fs::read(&cert).expect("certificate")),
+        ("tls.key", std::fs::read(&key).expect("key")),
+    ];
+    let fingerprint = certificate_fingerprint(&files[0].1).expect("fingerprint");
+    (files, fingerprint)
+}
+
+/// `openssl x509 -fingerprint` of the first certificate in `pem`.
+fn certificate_fingerprint(pem: &[u8]) -> Option<String> {
+    use std::io::Write as _;
+    let mut x509 = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("running openssl");
+    let written = x509.stdin.take().map(|mut stdin| stdin.write_all(pem));
+    let output = x509.wait_with_output().ok()?;
+    written?.ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Some(text.trim().split_once('=')?.1.to_string())
+}
+
+/// The fingerprint of the certificate the relay presents after STARTTLS,
+/// as `openssl s_client` sees it.
+fn served_fingerprint(port: u16) -> Option<String> {
+    let output = std::process::Command::new("openssl")
+        .args(["s_client", "-starttls", "smtp", "-servername", RELAY_HOST])
+        .args(["-connect", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("running openssl s_client");
+    certificate_fingerprint(&output.stdout)
 }
 
 fn fixture() -> Fixture {
@@ -134,15 +178,18 @@ fn fixture() -> Fixture {
     };
     let mut config = KubeletDir::new();
     config.write(&config_files(&settings(sink.port), &shard));
-    let tls_dir = tempfile::tempdir().expect("temp dir");
-    let (cert, key) = self_signed_certificate(tls_dir.path(), RELAY_HOST);
-    let relay = Relay::start(config.path(), Some((&cert, &key)));
+    let mut tls = KubeletDir::new();
+    tls.write(&certificate_files().0);
+    let relay = Relay::start(
+        config.path(),
+        Some((&tls.path().join("tls.crt"), &tls.path().join("tls.key"))),
+    );
     Fixture {
         knot,
         sink,
         config,
         relay,
-        _tls_dir: tls_dir,
+        tls,
     }
 }
 
@@ -429,6 +476,62 @@ fn malformed_commands_get_a_clear_5xx_and_the_relay_keeps_serving() {
     assert!(replies[9].starts_with("250 "), "{replies:?}");
     assert!(replies[10].starts_with("221 "), "{replies:?}");
     assert_eq!(f.relay.http_get("/healthz").map(|(s, _)| s), Some(200));
+}
+
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
+    let mut f = fixture();
+    let before = served_fingerprint(f.relay.port).expect("the relay offers STARTTLS");
+
+    // cert-manager renews the Secret; the kubelet swaps the volume.
+    let (renewed, renewed_fingerprint) = certificate_files();
+    assert_ne!(before, renewed_fingerprint);
+    f.tls.write(&renewed);
+    let served = wait_until(WAIT, || {
+        served_fingerprint(f.relay.port).filter(|served| *served == renewed_fingerprint)
+    });
+    assert!(
+        served.is_some(),
+        "the relay still serves {:?} instead of {renewed_fingerprint}\nrelay log:\n{}",
+        served_fingerprint(f.relay.port),
+        f.relay.log()
+    );
+    let sent = submission(
+        f.relay.port,
+        "acme",
+        "acme-password",
+        "alice@acme.test",
+        message("alice@acme.test", "after renewal"),
+    )
+    .run();
+    assert!(sent.success, "{}", sent.transcript);
+
+    // A key that does not belong to the certificate: refused, logged, and
+    // the renewed certificate keeps serving.
+    let (stranger, _) = certificate_files();
+    f.tls
+        .write(&[renewed[0].clone(), ("tls.key", stranger[1].1.clone())]);
+    let refused = wait_until(WAIT, || {
+        f.relay
+            .log()
+            .contains("the new TLS certificate does not load")
+            .then_some(())
+    });
+    assert!(refused.is_some(), "relay log:\n{}", f.relay.log());
+    assert_eq!(served_fingerprint(f.relay.port), Some(renewed_fingerprint));
+    let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
+    assert!(
+        metrics.contains("mailauth_relay_tls_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mailauth_relay_tls_reloads_total{result=\"invalid\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !f.relay.log().contains("PRIVATE KEY"),
+        "the key never reaches the log"
+    );
 }
 
 #[test]

@@ -84,6 +84,7 @@ pub struct Listener {
 
     /// A `kubernetes.io/tls` Secret in the relay's namespace (for example one
     /// that cert-manager issues) with the certificate offered by STARTTLS.
+    /// A renewed certificate is picked up without a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_secret_name: Option<String>,
 

@@ -20,6 +20,7 @@ pub struct RelayMetrics {
     forwarded: Counter<u64, AtomicU64>,
     upstream_latency: Histogram,
     config_reloads: Family<ResultLabel, Counter>,
+    tls_reloads: Family<ResultLabel, Counter>,
     connections: Gauge,
 }
 
@@ -33,6 +34,7 @@ impl RelayMetrics {
             // 0.5 ms .. ~8 s
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             config_reloads: Family::default(),
+            tls_reloads: Family::default(),
             connections: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mailauth_relay");
@@ -65,6 +67,11 @@ impl RelayMetrics {
             "config_reloads",
             "Config directory loads, by result",
             metrics.config_reloads.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "STARTTLS certificate reloads after the files changed, by result",
+            metrics.tls_reloads.clone(),
         );
         r.register(
             "connections",
@@ -106,6 +113,14 @@ impl RelayMetrics {
 
     pub fn config_reload(&self, result: &str) {
         self.config_reloads
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn tls_reload(&self, result: &str) {
+        self.tls_reloads
             .get_or_create(&ResultLabel {
                 result: result.to_string(),
             })

@@ -20,6 +20,7 @@ pub mod server;
 pub mod session;
 pub mod signing;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -142,10 +143,17 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         tracing::warn!(dir = %args.config_dir.display(), "no valid relay config yet; waiting for one");
     }
 
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(server::tls_acceptor(cert, key)?),
+    let certificate = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::ReloadingCertificate::load(tls::CertificateFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })?),
         _ => None,
     };
+    let tls = certificate
+        .as_ref()
+        .map(tls::ReloadingCertificate::acceptor)
+        .transpose()?;
     let upstream = upstream::Upstream::new(args.upstream_timeout, args.upstream_pool_size)
         .map_err(RelayError::UpstreamTls)?;
     let context = Arc::new(session::SessionContext {
@@ -181,8 +189,10 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         known,
         args.reload_interval,
         store.clone(),
-        metrics,
+        metrics.clone(),
     ));
+    let certificate_watcher = certificate
+        .map(|certificate| tokio::spawn(certificate.watch(args.reload_interval, metrics.clone())));
     let active = Arc::new(AtomicUsize::new(0));
     let accepting = tokio::spawn(server::accept_loop(
         listener,
@@ -200,6 +210,9 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     };
     accepting.abort();
     watcher.abort();
+    if let Some(certificate_watcher) = certificate_watcher {
+        certificate_watcher.abort();
+    }
     let _ = stop_admin.send(());
     drain(&active, args.command_timeout).await;
     result
