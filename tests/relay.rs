@@ -11,11 +11,15 @@ use std::time::Duration;
 use mailauth_operator::api::{KeyAlgorithm, RelayLimits, UpstreamTls};
 use mailauth_operator::dkim::{GeneratedKey, NewKey, dkim_txt_value, generate};
 use mailauth_operator::relay::config::{
-    DomainEntry, DomainShard, RelaySettings, SigningKeyEntry, TenantEntry, UpstreamSettings,
+    DomainEntry, DomainShard, RelaySettings, SigningKeyEntry, TenantEntry, UpstreamAuth,
+    UpstreamSettings,
 };
 use mailauth_operator::relay::hash_password;
 use support::dns::{Knot, Zone, wait_until};
-use support::mail::{KubeletDir, Relay, SmtpSink, Swaks, dkimpy_verify, self_signed_certificate};
+use support::mail::{
+    KubeletDir, Relay, SmtpSink, SmtpUpstream, Swaks, TestCa, dkimpy_verify,
+    self_signed_certificate,
+};
 
 const RELAY_HOST: &str = "relay.test";
 const WAIT: Duration = Duration::from_secs(30);
@@ -70,6 +74,7 @@ fn settings(upstream_port: u16) -> RelaySettings {
             port: upstream_port,
             tls: UpstreamTls::None,
             auth: None,
+            ca_certificates: None,
         },
         limits: RelayLimits::default(),
     }
@@ -158,6 +163,11 @@ fn served_fingerprint(port: u16) -> Option<String> {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(settings)
+}
+
+/// The fixture with the relay settings `settings_for(sink port)`.
+fn fixture_with(settings_for: impl FnOnce(u16) -> RelaySettings) -> Fixture {
     let acme_rsa = key("acme2026a", KeyAlgorithm::Rsa);
     let dual_rsa = key("dual2026a", KeyAlgorithm::Rsa);
     let dual_ed = key("dual2026a-ed", KeyAlgorithm::Ed25519);
@@ -177,7 +187,7 @@ fn fixture() -> Fixture {
         ],
     };
     let mut config = KubeletDir::new();
-    config.write(&config_files(&settings(sink.port), &shard));
+    config.write(&config_files(&settings_for(sink.port), &shard));
     let mut tls = KubeletDir::new();
     tls.write(&certificate_files().0);
     let relay = Relay::start(
@@ -532,6 +542,103 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
         !f.relay.log().contains("PRIVATE KEY"),
         "the key never reaches the log"
     );
+}
+
+/// Relay settings for the aiosmtpd smarthost on `port`.
+fn smarthost(port: u16, tls: UpstreamTls, password: &str, ca: Option<&TestCa>) -> RelaySettings {
+    let mut settings = settings(port);
+    settings.upstream.tls = tls;
+    settings.upstream.auth = Some(UpstreamAuth {
+        username: "relay".into(),
+        password: password.into(),
+    });
+    settings.upstream.ca_certificates = ca.map(TestCa::pem);
+    settings
+}
+
+#[test]
+fn a_private_smarthost_gets_signed_mail_over_starttls_or_tls_with_auth() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("upstream", "127.0.0.1");
+    for (mode, tls) in [
+        ("starttls", UpstreamTls::StartTls),
+        ("tls", UpstreamTls::Tls),
+    ] {
+        let upstream = SmtpUpstream::start(mode, ("relay", "smarthost-password"), &cert, &key);
+        let f = fixture_with(|_| smarthost(upstream.port, tls, "smarthost-password", Some(&ca)));
+        let sent = submission(
+            f.relay.port,
+            "acme",
+            "acme-password",
+            "alice@acme.test",
+            message("Alice <alice@acme.test>", mode),
+        )
+        .run();
+        assert!(
+            sent.success,
+            "{mode}: {}\nrelay log:\n{}",
+            sent.transcript,
+            f.relay.log()
+        );
+        // The smarthost stores before it answers 250, and the relay answers
+        // the client only after that.
+        let stored = upstream.messages();
+        assert_eq!(stored.len(), 1, "{mode}");
+        let verdicts = dkimpy_verify(&stored[0], f.knot.port());
+        assert!(
+            verdicts.iter().any(|v| v.pass && v.domain == "acme.test"),
+            "{mode}: {verdicts:?}"
+        );
+    }
+}
+
+#[test]
+fn a_smarthost_that_is_not_trusted_or_refuses_the_login_defers_mail_and_loses_none() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("upstream", "127.0.0.1");
+    let upstream = SmtpUpstream::start("starttls", ("relay", "smarthost-password"), &cert, &key);
+    let other_ca = TestCa::new();
+    let untrusted = fixture_with(|_| {
+        smarthost(
+            upstream.port,
+            UpstreamTls::StartTls,
+            "smarthost-password",
+            Some(&other_ca),
+        )
+    });
+    let wrong_password = fixture_with(|_| {
+        smarthost(
+            upstream.port,
+            UpstreamTls::StartTls,
+            "not-the-password",
+            Some(&ca),
+        )
+    });
+    for (case, f) in [
+        ("untrusted CA", &untrusted),
+        ("wrong password", &wrong_password),
+    ] {
+        let sent = submission(
+            f.relay.port,
+            "acme",
+            "acme-password",
+            "alice@acme.test",
+            message("alice@acme.test", case),
+        )
+        .run();
+        assert!(!sent.success, "{case}: {}", sent.transcript);
+        assert_eq!(
+            sent.failure_code(),
+            Some(451),
+            "{case}: {}",
+            sent.transcript
+        );
+        assert!(
+            !f.relay.log().contains("not-the-password"),
+            "the upstream password never reaches the log"
+        );
+    }
+    assert!(upstream.messages().is_empty());
 }
 
 #[test]

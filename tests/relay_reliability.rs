@@ -80,6 +80,7 @@ fn fixture(limits: RelayLimits, acme_per_minute: u32) -> Fixture {
             port: sink.port,
             tls: UpstreamTls::None,
             auth: None,
+            ca_certificates: None,
         },
         limits,
     };

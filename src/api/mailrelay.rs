@@ -117,6 +117,13 @@ pub struct Upstream {
     /// authenticate to the upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret_name: Option<String>,
+
+    /// A Secret in the relay's namespace whose `ca.crt` holds the CA
+    /// certificate(s) that sign the upstream's certificate, for a smarthost
+    /// with a private CA. When set, only these are trusted; without it, the
+    /// usual public roots. Changes reach the relay without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_name: Option<String>,
 }
 
 /// How the relay secures its connection to the upstream.

@@ -18,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use super::relay_objects::{self, config_files, config_secret, relay_settings};
+use super::relay_objects::{self, UpstreamSecrets, config_files, config_secret, relay_settings};
 use super::secrets::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use super::status::write_if_changed;
 use super::{Context, Error, FIELD_MANAGER};
@@ -91,7 +91,7 @@ fn error_policy(relay: Arc<MailRelay>, error: &Error, ctx: Arc<Context>) -> Acti
 
 async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
-    let served = sync(&relay, &ctx, None).await?;
+    let Rendered { served, problems } = sync(&relay, &ctx, None).await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let ready_replicas = deployments
         .get_opt(&relay_objects::relay_object_name(&relay))
@@ -112,15 +112,25 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
         observed_generation: generation,
         last_transition_time: now.clone(),
     };
-    Condition::upsert(
-        &mut conditions,
+    let configured = if problems.is_empty() {
         condition(
             ConditionType::Configured,
             ConditionStatus::True,
             "Rendered",
             format!("Deployment, Service and config rendered for {served} domain(s)"),
-        ),
-    );
+        )
+    } else {
+        condition(
+            ConditionType::Configured,
+            ConditionStatus::False,
+            "UpstreamSecretInvalid",
+            format!(
+                "rendered for {served} domain(s), but the relay cannot reach its upstream as intended: {}",
+                problems.join("; ")
+            ),
+        )
+    };
+    Condition::upsert(&mut conditions, configured);
     let (status, reason, message) = if ready_replicas > 0 {
         (
             ConditionStatus::True,
@@ -159,15 +169,22 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
+/// What a render did.
+pub struct Rendered {
+    /// How many domains the relay serves.
+    pub served: usize,
+    /// Secrets the spec names that are missing or incomplete.
+    pub problems: Vec<String>,
+}
+
 /// Renders and applies everything for `relay` from the MailDomains it
 /// serves, leaving out `excluding` (a MailDomain being deleted: its domain
-/// leaves the relay before its finalizer lets go). Returns how many domains
-/// the relay serves.
+/// leaves the relay before its finalizer lets go).
 pub async fn sync(
     relay: &MailRelay,
     ctx: &Context,
     excluding: Option<&ObjectRef<MailDomain>>,
-) -> Result<usize, Error> {
+) -> Result<Rendered, Error> {
     let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
     let lock = ctx.relay_renders.for_relay(relay);
     let _rendering = lock.lock().await;
@@ -193,7 +210,8 @@ pub async fn sync(
     }
     let served = domains.len();
     tracing::info!(mailrelay = %relay.name_any(), domains = served, excluding = ?excluding.map(|e| &e.name), "rendering relay config");
-    let settings = relay_settings(relay, upstream_auth(relay, &namespace, ctx).await?);
+    let (secrets, problems) = upstream_secrets(relay, &namespace, ctx).await?;
+    let settings = relay_settings(relay, secrets);
     let files = config_files(&settings, tenants, domains)?;
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -221,7 +239,7 @@ pub async fn sync(
             &Patch::Apply(&service),
         )
         .await?;
-    Ok(served)
+    Ok(Rendered { served, problems })
 }
 
 /// Whether a MailDomain belongs on this relay: it references it, is Ready
@@ -305,29 +323,49 @@ async fn entries_for(
     Ok(Some((domain, tenant)))
 }
 
-/// The upstream credentials from the relay's auth Secret, when it names one.
-async fn upstream_auth(
+/// What the relay's settings take from the Secrets its spec names, and,
+/// for each named Secret that is missing or lacks its keys, a sentence for
+/// the `Configured` condition.
+async fn upstream_secrets(
     relay: &MailRelay,
     namespace: &str,
     ctx: &Context,
-) -> Result<Option<UpstreamAuth>, Error> {
-    let Some(name) = &relay.spec.upstream.auth_secret_name else {
-        return Ok(None);
-    };
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), namespace)
-        .get_opt(name)
-        .await?;
-    let field = |secret: &Secret, key: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .and_then(|v| String::from_utf8(v.0.clone()).ok())
-    };
-    Ok(secret.and_then(|s| {
-        Some(UpstreamAuth {
-            username: field(&s, "username")?,
-            password: field(&s, "password")?,
-        })
-    }))
+) -> Result<(UpstreamSecrets, Vec<String>), Error> {
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), namespace);
+    let upstream = &relay.spec.upstream;
+    let mut secrets = UpstreamSecrets::default();
+    let mut problems = Vec::new();
+    if let Some(name) = &upstream.auth_secret_name {
+        let secret = api.get_opt(name).await?;
+        let username = secret.as_ref().and_then(|s| secret_text(s, "username"));
+        let password = secret.as_ref().and_then(|s| secret_text(s, "password"));
+        match (username, password) {
+            (Some(username), Some(password)) => {
+                secrets.auth = Some(UpstreamAuth { username, password });
+            }
+            _ => problems.push(format!(
+                "spec.upstream.authSecretName: Secret {namespace}/{name} with `username` and `password` not found"
+            )),
+        }
+    }
+    if let Some(name) = &upstream.ca_secret_name {
+        let secret = api.get_opt(name).await?;
+        match secret.as_ref().and_then(|s| secret_text(s, "ca.crt")) {
+            Some(pem) => match crate::relay::upstream::trusting(&pem) {
+                Ok(_) => secrets.ca_certificates = Some(pem),
+                Err(error) => problems.push(format!(
+                    "spec.upstream.caSecretName: `ca.crt` of Secret {namespace}/{name}: {error}"
+                )),
+            },
+            None => problems.push(format!(
+                "spec.upstream.caSecretName: Secret {namespace}/{name} with `ca.crt` not found"
+            )),
+        }
+    }
+    Ok((secrets, problems))
+}
+
+fn secret_text(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
 }

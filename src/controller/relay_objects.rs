@@ -63,8 +63,15 @@ fn metadata(relay: &MailRelay, name: String) -> ObjectMeta {
     }
 }
 
+/// What the relay's settings take from Secrets the MailRelay names.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamSecrets {
+    pub auth: Option<UpstreamAuth>,
+    pub ca_certificates: Option<String>,
+}
+
 /// The relay-wide settings from the MailRelay spec.
-pub fn relay_settings(relay: &MailRelay, upstream_auth: Option<UpstreamAuth>) -> RelaySettings {
+pub fn relay_settings(relay: &MailRelay, secrets: UpstreamSecrets) -> RelaySettings {
     let spec = &relay.spec;
     RelaySettings {
         hostname: spec.hostname.clone(),
@@ -73,7 +80,8 @@ pub fn relay_settings(relay: &MailRelay, upstream_auth: Option<UpstreamAuth>) ->
             host: spec.upstream.host.clone(),
             port: spec.upstream.port,
             tls: spec.upstream.tls,
-            auth: upstream_auth,
+            auth: secrets.auth,
+            ca_certificates: secrets.ca_certificates,
         },
         limits: spec.limits.clone(),
     }
@@ -325,7 +333,7 @@ mod tests {
 
     #[test]
     fn config_files_are_sharded_and_deterministic() {
-        let settings = relay_settings(&relay(), None);
+        let settings = relay_settings(&relay(), UpstreamSecrets::default());
         let domains: Vec<DomainEntry> =
             (0..600).map(|i| domain(&format!("d{i:04}.test"))).collect();
         let tenants = vec![TenantEntry {

@@ -39,6 +39,11 @@ pub struct UpstreamSettings {
     pub tls: UpstreamTls,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<UpstreamAuth>,
+    /// PEM CA certificates that sign the upstream's certificate; when set,
+    /// only they are trusted (the relay talks to this one server). Without
+    /// them, the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
 }
 
 /// Credentials for the upstream, copied from the MailRelay's auth Secret.

@@ -101,6 +101,8 @@ pub enum RelayError {
     DuplicateTenant { username: String },
     #[error("the password hash of tenant {username} is malformed; regenerate its credentials")]
     InvalidPasswordHash { username: String },
+    #[error("the upstream CA certificates in the relay config cannot be used: {0}")]
+    UpstreamCa(String),
     #[error("domain {domain} has no signing key in the relay config")]
     NoSigningKey { domain: String },
     #[error("the signing key {selector} of {domain} cannot be used: {source}")]

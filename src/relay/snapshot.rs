@@ -48,6 +48,9 @@ impl RelaySnapshot {
     /// domain, a malformed hash or key makes the whole config invalid, so a
     /// half-applied config never serves mail.
     pub fn build(settings: RelaySettings, shards: Vec<DomainShard>) -> Result<Self, RelayError> {
+        if let Some(pem) = &settings.upstream.ca_certificates {
+            super::upstream::trusting(pem).map_err(RelayError::UpstreamCa)?;
+        }
         let mut domains = HashMap::new();
         let mut tenant_entries = Vec::new();
         for shard in shards {
@@ -231,6 +234,7 @@ mod tests {
                 port: 25,
                 tls: UpstreamTls::None,
                 auth: None,
+                ca_certificates: None,
             },
             limits: RelayLimits::default(),
         }
@@ -349,6 +353,13 @@ mod tests {
         assert!(matches!(
             RelaySnapshot::build(settings(), shards),
             Err(RelayError::NoSigningKey { .. })
+        ));
+
+        let mut untrusting = settings();
+        untrusting.upstream.ca_certificates = Some("no certificate here".into());
+        assert!(matches!(
+            RelaySnapshot::build(untrusting, vec![]),
+            Err(RelayError::UpstreamCa(_))
         ));
     }
 

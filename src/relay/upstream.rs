@@ -6,14 +6,17 @@
 //! closed is replaced before any message content was sent, so the retry
 //! cannot duplicate a delivery.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mail_send::{Credentials, SmtpClient};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
 use smtp_proto::{EXT_PIPELINING, EXT_START_TLS, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
 
 use super::config::UpstreamSettings;
 use crate::api::UpstreamTls;
@@ -54,7 +57,32 @@ pub struct Upstream {
     idle: Mutex<Vec<Connection>>,
     max_idle: usize,
     timeout: Duration,
+    /// Trusts the system's roots.
     tls: TlsConnector,
+    /// Trusts only the config's CA certificates: built once per set.
+    private_tls: Mutex<Option<(String, TlsConnector)>>,
+}
+
+/// A TLS client that trusts exactly the CA certificates in `pem`, for an
+/// upstream whose certificate a private CA signs.
+pub fn trusting(pem: &str) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|error| format!("parsing a CA certificate: {error}"))?;
+        roots
+            .add(cert)
+            .map_err(|error| format!("a CA certificate cannot be a trust anchor: {error}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate in the PEM text".into());
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| error.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 impl Upstream {
@@ -64,7 +92,27 @@ impl Upstream {
             max_idle,
             timeout,
             tls: mail_send::smtp::tls::build_tls_connector(false)?,
+            private_tls: Mutex::new(None),
         })
+    }
+
+    /// The TLS client for `settings`: the system roots, or its own CAs.
+    fn connector(&self, settings: &UpstreamSettings) -> Result<TlsConnector, ForwardError> {
+        let Some(pem) = &settings.ca_certificates else {
+            return Ok(self.tls.clone());
+        };
+        let mut cached = self
+            .private_tls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached_pem, connector)) = cached.as_ref()
+            && cached_pem == pem
+        {
+            return Ok(connector.clone());
+        }
+        let connector = trusting(pem).map_err(ForwardError::Unavailable)?;
+        *cached = Some((pem.clone(), connector.clone()));
+        Ok(connector)
     }
 
     fn take_idle(&self, settings: &UpstreamSettings) -> Option<Connection> {
@@ -131,6 +179,7 @@ impl Upstream {
         helo_host: &str,
     ) -> Result<Connection, ForwardError> {
         let unavailable = |error: mail_send::Error| ForwardError::Unavailable(error.to_string());
+        let tls = self.connector(settings)?;
         let attempt = async {
             let tcp = TcpStream::connect((settings.host.as_str(), settings.port))
                 .await
@@ -149,7 +198,7 @@ impl Upstream {
             let mut client: Client = match settings.tls {
                 UpstreamTls::Tls => {
                     let tls = plain
-                        .into_tls(&self.tls, &settings.host)
+                        .into_tls(&tls, &settings.host)
                         .await
                         .map_err(unavailable)?;
                     boxed(tls)
@@ -165,7 +214,7 @@ impl Upstream {
                     }
                     boxed(
                         plain
-                            .start_tls(&self.tls, &settings.host)
+                            .start_tls(&tls, &settings.host)
                             .await
                             .map_err(unavailable)?,
                     )

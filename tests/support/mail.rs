@@ -377,7 +377,10 @@ impl Relay {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--reload-interval", "1s", "--upstream-timeout", "5s"])
-            .env("RUST_LOG", "info");
+            .env(
+                "RUST_LOG",
+                std::env::var("RELAY_RUST_LOG").unwrap_or("info".into()),
+            );
         if let Some((cert, key)) = tls {
             command
                 .arg("--tls-cert")
@@ -639,4 +642,187 @@ impl SmtpConnection {
 /// The three-digit code at the start of a reply, if any.
 pub fn reply_code(reply: &str) -> Option<u16> {
     reply.get(..3)?.parse().ok()
+}
+
+/// A private CA, as a platform's internal smarthost would use, made with
+/// the `openssl` CLI.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("test-ca-")
+            .tempdir()
+            .expect("temp dir");
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=Test Private CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+            ],
+        );
+        Self { dir }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca.crt")).expect("CA certificate")
+    }
+
+    /// A server certificate for the IP address `ip`, signed by this CA:
+    /// `(certificate, key)` paths.
+    pub fn issue(&self, name: &str, ip: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.path();
+        let (csr, cert, key) = (
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.key"),
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=upstream.test",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        let extensions = format!("{name}.ext");
+        std::fs::write(
+            dir.join(&extensions),
+            format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"),
+        )
+        .expect("extensions file");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &cert,
+                "-extfile",
+                &extensions,
+            ],
+        );
+        (dir.join(cert), dir.join(key))
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running openssl");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A smarthost that requires TLS (`starttls` or implicit `tls`) and AUTH:
+/// aiosmtpd (Debian package `python3-aiosmtpd`) running
+/// `tests/support/smtp_upstream.py`, storing each message as one file.
+pub struct SmtpUpstream {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl SmtpUpstream {
+    pub fn start(mode: &str, credentials: (&str, &str), cert: &Path, key: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("smtp-upstream-")
+            .tempdir()
+            .expect("temp dir");
+        let port = free_tcp_port();
+        let log = dir.path().join("upstream.log");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/smtp_upstream.py"
+            ))
+            .arg(port.to_string())
+            .arg(dir.path())
+            .arg(cert)
+            .arg(key)
+            .args([mode, credentials.0, credentials.1])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("running aiosmtpd (Debian package `python3-aiosmtpd`)");
+        let mut ready = String::new();
+        let stdout = child.stdout.as_mut().expect("stdout");
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready);
+        if ready.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the aiosmtpd upstream did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Self { port, dir, child }
+    }
+
+    /// What aiosmtpd logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("upstream.log")).unwrap_or_default()
+    }
+
+    /// The messages stored so far, in arrival order.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .expect("reading the upstream directory")
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "eml"))
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .map(|path| std::fs::read(path).expect("a stored message"))
+            .collect()
+    }
+}
+
+impl Drop for SmtpUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
