@@ -281,3 +281,129 @@ async fn a_relay_refuses_namespaces_it_does_not_admit() {
     operator.stop().await;
     ns.delete().await;
 }
+
+/// Waits (bounded) until the MailRelay satisfies `check`; returns it.
+async fn wait_relay(
+    api: &Api<MailRelay>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&MailRelay) -> bool,
+) -> MailRelay {
+    let found = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        kube::runtime::wait::await_condition(api.clone(), name, move |r: Option<&MailRelay>| {
+            r.is_some_and(&check)
+        }),
+    )
+    .await;
+    match found {
+        Ok(Ok(Some(relay))) => relay,
+        _ => {
+            let now = api.get_opt(name).await.ok().flatten();
+            panic!(
+                "MailRelay {name}: timed out waiting for {what}; its status is now {:?}",
+                now.and_then(|r| r.status)
+            )
+        }
+    }
+}
+
+fn configured(relay: &MailRelay) -> Option<Condition> {
+    Condition::find(
+        &relay.status.as_ref()?.conditions,
+        ConditionType::Configured,
+    )
+    .cloned()
+}
+
+#[tokio::test]
+async fn the_upstream_ca_and_login_come_from_named_secrets_and_a_missing_one_is_reported() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("smarthost").await;
+    let client = c.client().await;
+    let knot = Knot::start(&[Zone::new(ZONE)]);
+    let operator = Operator::start(&ns.name, knot.addr()).await;
+    let relays: Api<MailRelay> = Api::namespaced(client.clone(), &ns.name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let relay: MailRelay = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailRelay", "metadata": {"name": "private"},
+        "spec": {"hostname": "relay.platform.test",
+                 "upstream": {"host": "smtp.internal.test", "tls": "StartTLS",
+                              "authSecretName": "smarthost-login", "caSecretName": "smarthost-ca"}}
+    }))
+    .unwrap();
+    relays.create(&PostParams::default(), &relay).await.unwrap();
+
+    // Neither Secret exists yet: Configured=False naming both fields.
+    let relay = wait_relay(&relays, "private", "Configured False", |r| {
+        configured(r).is_some_and(|c| c.status == ConditionStatus::False)
+    })
+    .await;
+    let condition = configured(&relay).unwrap();
+    assert_eq!(condition.reason, "UpstreamSecretInvalid");
+    for field in ["spec.upstream.authSecretName", "spec.upstream.caSecretName"] {
+        assert!(condition.message.contains(field), "{}", condition.message);
+    }
+
+    // The platform team creates them; the next reconcile (here started by
+    // an annotation, as `kubectl annotate` would) picks them up.
+    let ca = support::mail::TestCa::new();
+    let secret = |name: &str, data: serde_json::Value| -> Secret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data
+        }))
+        .unwrap()
+    };
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret("smarthost-ca", serde_json::json!({"ca.crt": ca.pem()})),
+        )
+        .await
+        .unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &secret(
+                "smarthost-login",
+                serde_json::json!({"username": "relay", "password": "smarthost-password"}),
+            ),
+        )
+        .await
+        .unwrap();
+    relays
+        .patch(
+            "private",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({
+                "metadata": {"annotations": {"example.com/poke": "1"}}
+            })),
+        )
+        .await
+        .unwrap();
+    wait_relay(&relays, "private", "Configured True", |r| {
+        configured(r).is_some_and(|c| c.status == ConditionStatus::True)
+    })
+    .await;
+    let config = secrets.get("private-relay-config").await.unwrap();
+    let settings: mailauth_operator::relay::config::RelaySettings =
+        serde_json::from_slice(&config.data.as_ref().unwrap()["relay.json"].0).unwrap();
+    assert_eq!(
+        settings.upstream.ca_certificates.as_deref(),
+        Some(ca.pem().as_str())
+    );
+    assert_eq!(
+        settings.upstream.auth.as_ref().map(|a| a.username.as_str()),
+        Some("relay")
+    );
+    let relay = relays.get("private").await.unwrap();
+    assert!(
+        !serde_json::to_string(&relay.status)
+            .unwrap()
+            .contains("smarthost-password"),
+        "the password never reaches status"
+    );
+    operator.stop().await;
+    ns.delete().await;
+}
