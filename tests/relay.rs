@@ -639,6 +639,19 @@ fn a_smarthost_that_is_not_trusted_or_refuses_the_login_defers_mail_and_loses_no
         );
     }
     assert!(upstream.messages().is_empty());
+    assert!(
+        untrusted.relay.log().contains("invalid peer certificate"),
+        "{}",
+        untrusted.relay.log()
+    );
+    assert!(
+        wrong_password
+            .relay
+            .log()
+            .contains("authenticating to the upstream: Code: 535"),
+        "{}",
+        wrong_password.relay.log()
+    );
 }
 
 #[test]

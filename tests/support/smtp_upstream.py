@@ -43,7 +43,8 @@ def main():
             and auth_data.login.decode() == username
             and auth_data.password.decode() == password
         )
-        return AuthResult(success=ok)
+        # handled=False: aiosmtpd then answers a failure with 535 itself.
+        return AuthResult(success=ok, handled=False)
 
     if mode == "tls":
         # Implicit TLS: the whole connection is TLS. aiosmtpd only counts
