@@ -32,15 +32,6 @@ fn path_arg(path: &Path) -> &str {
 }
 
 /// Runs the control plane's own helm against its kubeconfig.
-fn helm(c: &Cluster, args: &[&str]) -> Output {
-    Command::new(c.bin.join("helm"))
-        .arg("--kubeconfig")
-        .arg(&c.kubeconfig)
-        .args(args)
-        .output()
-        .expect("running helm")
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -66,7 +57,7 @@ fn render(c: &Cluster, release: &str, namespace: &str, extra: &[&str]) -> String
         namespace,
     ];
     args.extend_from_slice(extra);
-    let out = helm(c, &args);
+    let out = c.helm(&args);
     assert_success("helm template", &out);
     text(&out.stdout)
 }
@@ -137,7 +128,7 @@ fn lint_is_clean_with_defaults_and_with_every_option_on() {
     for extra in [vec![], vec!["--values", path_arg(&all_options)]] {
         let mut args = vec!["lint", "--strict", path_arg(&chart)];
         args.extend(extra);
-        let out = helm(c, &args);
+        let out = c.helm(&args);
         assert_success(&format!("helm {}", args.join(" ")), &out);
         let report = text(&out.stdout);
         assert!(
@@ -164,7 +155,7 @@ fn schema_refuses_unknown_and_malformed_values() {
         ("replicaCount=0", "/replicaCount"),
     ];
     for (value, named) in refused {
-        let out = helm(c, &["template", "t", path_arg(&chart), "--set", value]);
+        let out = c.helm(&["template", "t", path_arg(&chart), "--set", value]);
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "--set {value} was accepted");
         assert!(
@@ -390,16 +381,13 @@ async fn helm_install_creates_the_controller_and_its_rbac() {
     let ns = c.namespace("chart-install").await;
     let release = ns.name.clone();
     let chart = repo_path(CHART);
-    let out = helm(
-        c,
-        &[
-            "install",
-            &release,
-            path_arg(&chart),
-            "--namespace",
-            &ns.name,
-        ],
-    );
+    let out = c.helm(&[
+        "install",
+        &release,
+        path_arg(&chart),
+        "--namespace",
+        &ns.name,
+    ]);
     assert_success("helm install", &out);
 
     // No kubelet runs pods here, so the objects are checked, not readiness.
@@ -446,10 +434,7 @@ async fn helm_install_creates_the_controller_and_its_rbac() {
 
     // Uninstalling removes the cluster-scoped objects the namespace's
     // deletion would leave behind.
-    let out = helm(
-        c,
-        &["uninstall", &release, "--namespace", &ns.name, "--wait"],
-    );
+    let out = c.helm(&["uninstall", &release, "--namespace", &ns.name, "--wait"]);
     assert_success("helm uninstall", &out);
     let out = c.kubectl(
         &[

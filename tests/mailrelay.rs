@@ -282,32 +282,6 @@ async fn a_relay_refuses_namespaces_it_does_not_admit() {
     ns.delete().await;
 }
 
-/// Waits (bounded) until the MailRelay satisfies `check`; returns it.
-async fn wait_relay(
-    api: &Api<MailRelay>,
-    name: &str,
-    what: &str,
-    check: impl Fn(&MailRelay) -> bool,
-) -> MailRelay {
-    let found = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(api.clone(), name, move |r: Option<&MailRelay>| {
-            r.is_some_and(&check)
-        }),
-    )
-    .await;
-    match found {
-        Ok(Ok(Some(relay))) => relay,
-        _ => {
-            let now = api.get_opt(name).await.ok().flatten();
-            panic!(
-                "MailRelay {name}: timed out waiting for {what}; its status is now {:?}",
-                now.and_then(|r| r.status)
-            )
-        }
-    }
-}
-
 fn configured(relay: &MailRelay) -> Option<Condition> {
     Condition::find(
         &relay.status.as_ref()?.conditions,
@@ -336,7 +310,7 @@ async fn the_upstream_ca_and_login_come_from_named_secrets_and_a_missing_one_is_
     relays.create(&PostParams::default(), &relay).await.unwrap();
 
     // Neither Secret exists yet: Configured=False naming both fields.
-    let relay = wait_relay(&relays, "private", "Configured False", |r| {
+    let relay = wait_for(&relays, "private", "Configured False", |r| {
         configured(r).is_some_and(|c| c.status == ConditionStatus::False)
     })
     .await;
@@ -382,7 +356,7 @@ async fn the_upstream_ca_and_login_come_from_named_secrets_and_a_missing_one_is_
         )
         .await
         .unwrap();
-    wait_relay(&relays, "private", "Configured True", |r| {
+    wait_for(&relays, "private", "Configured True", |r| {
         configured(r).is_some_and(|c| c.status == ConditionStatus::True)
     })
     .await;

@@ -19,11 +19,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::cluster::{Cluster, TestNamespace, cluster};
+use support::cluster::{TestNamespace, cluster};
 
 /// A tenant namespace for namespaced questions; it need not exist.
 const TENANT: &str = "tenant-a";
@@ -89,15 +88,6 @@ struct Installed {
     lease: String,
 }
 
-fn helm(c: &Cluster, args: &[&str]) -> Output {
-    Command::new(c.bin.join("helm"))
-        .arg("--kubeconfig")
-        .arg(&c.kubeconfig)
-        .args(args)
-        .output()
-        .expect("running helm")
-}
-
 async fn install_chart(prefix: &str) -> Installed {
     let c = cluster();
     c.install_crds().await;
@@ -105,16 +95,13 @@ async fn install_chart(prefix: &str) -> Installed {
     // Named after the namespace: its ClusterRole is then unique too.
     let release = ns.name.clone();
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/mailauth-operator");
-    let out = helm(
-        c,
-        &[
-            "install",
-            &release,
-            chart.to_str().expect("utf-8 path"),
-            "--namespace",
-            &ns.name,
-        ],
-    );
+    let out = c.helm(&[
+        "install",
+        &release,
+        chart.to_str().expect("utf-8 path"),
+        "--namespace",
+        &ns.name,
+    ]);
     assert!(
         out.status.success(),
         "helm install: {}",
@@ -205,10 +192,7 @@ impl Installed {
     }
 
     async fn uninstall(self) {
-        let out = helm(
-            cluster(),
-            &["uninstall", &self.ns.name, "--namespace", &self.ns.name],
-        );
+        let out = cluster().helm(&["uninstall", &self.ns.name, "--namespace", &self.ns.name]);
         assert!(
             out.status.success(),
             "helm uninstall: {}",
@@ -493,16 +477,13 @@ async fn service_account_may_not_do_what_the_operator_does_not_need() {
 fn cluster_role_has_no_wildcards_and_every_rule_a_reason() {
     let c = cluster();
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/mailauth-operator");
-    let out = helm(
-        c,
-        &[
-            "template",
-            "ops",
-            chart.to_str().expect("utf-8 path"),
-            "--show-only",
-            "templates/rbac.yaml",
-        ],
-    );
+    let out = c.helm(&[
+        "template",
+        "ops",
+        chart.to_str().expect("utf-8 path"),
+        "--show-only",
+        "templates/rbac.yaml",
+    ]);
     assert!(
         out.status.success(),
         "{}",

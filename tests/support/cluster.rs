@@ -65,6 +65,16 @@ impl Cluster {
         )
     }
 
+    /// Runs the cluster's own helm with the admin kubeconfig.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        Command::new(self.bin.join("helm"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("running helm")
+    }
+
     /// Installs (server-side apply) the generated CRDs from `crds/` and waits
     /// until they are Established. Safe to call from every test.
     pub async fn install_crds(&self) {

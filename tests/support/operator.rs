@@ -84,27 +84,34 @@ impl Drop for Operator {
     }
 }
 
-/// Waits (bounded) until the MailDomain satisfies `check`; returns it.
-pub async fn wait_for(
-    api: &Api<MailDomain>,
-    name: &str,
-    what: &str,
-    check: impl Fn(&MailDomain) -> bool,
-) -> MailDomain {
+/// Waits (bounded) until the object (a MailDomain, a MailRelay) satisfies
+/// `check`; returns it.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, what: &str, check: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug,
+    K: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+{
     let found = tokio::time::timeout(
         Duration::from_secs(90),
-        await_condition(api.clone(), name, move |md: Option<&MailDomain>| {
-            md.is_some_and(&check)
+        await_condition(api.clone(), name, move |object: Option<&K>| {
+            object.is_some_and(&check)
         }),
     )
     .await;
     match found {
-        Ok(Ok(Some(md))) => md,
+        Ok(Ok(Some(object))) => object,
         _ => {
-            let now = api.get_opt(name).await.ok().flatten();
+            let status = api
+                .get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|object| serde_json::to_value(object).ok())
+                .map(|object| object["status"].clone());
             panic!(
-                "MailDomain {name}: timed out waiting for {what}; it is now:\n{}",
-                serde_yaml::to_string(&now.map(|md| md.status)).unwrap_or_default()
+                "{} {name}: timed out waiting for {what}; its status is now:\n{}",
+                K::kind(&()),
+                serde_yaml::to_string(&status).unwrap_or_default()
             );
         }
     }
