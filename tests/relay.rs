@@ -593,6 +593,54 @@ fn a_private_smarthost_gets_signed_mail_over_starttls_or_tls_with_auth() {
 }
 
 #[test]
+fn the_smarthosts_refusal_is_passed_on_and_its_deferral_deferred() {
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue("upstream", "127.0.0.1");
+    let upstream = SmtpUpstream::start("starttls", ("relay", "smarthost-password"), &cert, &key);
+    let f = fixture_with(|_| {
+        smarthost(
+            upstream.port,
+            UpstreamTls::StartTls,
+            "smarthost-password",
+            Some(&ca),
+        )
+    });
+    for (recipient, code, text) in [
+        ("refuse@example.net", 550, "no such user here"),
+        ("defer@example.net", 452, "mailbox full"),
+    ] {
+        let mut swaks = submission(
+            f.relay.port,
+            "acme",
+            "acme-password",
+            "alice@acme.test",
+            message("alice@acme.test", recipient),
+        );
+        swaks.rcpt_to = vec![recipient.into()];
+        let sent = swaks.run();
+        assert_eq!(
+            sent.failure_code(),
+            Some(code),
+            "{recipient}: {}",
+            sent.transcript
+        );
+        assert!(
+            sent.transcript.contains(text),
+            "the smarthost's reason reaches the client: {}",
+            sent.transcript
+        );
+    }
+    assert!(upstream.messages().is_empty());
+    let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
+    for reason in ["upstream_refused", "upstream_deferred"] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{metrics}"
+        );
+    }
+}
+
+#[test]
 fn a_smarthost_that_is_not_trusted_or_refuses_the_login_defers_mail_and_loses_none() {
     let ca = TestCa::new();
     let (cert, key) = ca.issue("upstream", "127.0.0.1");

@@ -1,6 +1,7 @@
 """An upstream smarthost for the relay's tests: aiosmtpd (Debian package
 python3-aiosmtpd) requiring TLS, STARTTLS or implicit, and AUTH, storing
-each message it accepts as one file.
+each message it accepts as one file. It refuses `refuse@...` (550) and
+defers `defer@...` (452).
 
     smtp_upstream.py PORT DIR CERT KEY {starttls|tls} USERNAME PASSWORD
 
@@ -21,6 +22,16 @@ class Store:
     def __init__(self, directory):
         self.directory = directory
         self.count = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        # Recipients that make the smarthost refuse or defer, for tests of
+        # what the relay passes on.
+        if address.startswith("refuse@"):
+            return "550 5.1.1 refuse@: no such user here"
+        if address.startswith("defer@"):
+            return "452 4.2.2 defer@: mailbox full, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
