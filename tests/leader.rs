@@ -175,6 +175,11 @@ async fn only_the_leader_writes_and_killing_it_hands_over() {
     })
     .await;
     wait_metric(&replicas[0], "mailauth_status_writes_total", |n| n > 0.0).await;
+    // The new leader counts the keys it found as well as the one it made.
+    wait_metric(&replicas[0], "mailauth_keys{state=\"Pending\"}", |n| {
+        n == 2.0
+    })
+    .await;
     drop(replicas);
     ns.delete().await;
 }

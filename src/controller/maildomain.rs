@@ -28,9 +28,8 @@ use super::secrets::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use super::status::write_if_changed;
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{
-    Condition, ConditionStatus, ConditionType, DeletionPolicy, DnsRecordStatus, KeyState,
-    MailDomain, MailDomainStatus, MailRelay, NamespacesFrom, ROTATE_ANNOTATION, RecordState,
-    SpfAuthorization,
+    Condition, ConditionStatus, ConditionType, DeletionPolicy, DnsRecordStatus, MailDomain,
+    MailDomainStatus, MailRelay, NamespacesFrom, ROTATE_ANNOTATION, RecordState, SpfAuthorization,
 };
 use crate::dkim::{
     self, DnsVerdict, GeneratedKey, PrivateKeyPem, RotationEvent, RotationInput, RotationPlan,
@@ -739,6 +738,7 @@ async fn cleanup(domain: &MailDomain, rec: &Reconciler) -> Result<Action, Error>
         }
     }
     ctx.dns_memo.forget(&ObjectRef::from_obj(domain));
+    ctx.metrics.keys.forget(&inventory_key(domain));
     Ok(Action::await_change())
 }
 
@@ -852,25 +852,16 @@ async fn publish(
     }
 }
 
-/// Keeps the keys-by-state gauge in step with this domain's keys.
+/// Keeps the key metrics in step with this domain's keys.
 fn record_key_states(domain: &MailDomain, desired: &MailDomainStatus, ctx: &Context) {
-    let count = |status: Option<&MailDomainStatus>, state| {
-        status.and_then(|s| s.dkim.as_ref()).map_or(0, |d| {
-            d.keys.iter().filter(|k| k.state == state).count() as i64
-        })
-    };
-    for state in [
-        KeyState::Pending,
-        KeyState::Active,
-        KeyState::Retiring,
-        KeyState::Retired,
-    ] {
-        let delta = count(Some(desired), state) - count(domain.status.as_ref(), state);
-        if delta != 0 {
-            let label = crate::telemetry::KeyStateLabel {
-                state: format!("{state:?}"),
-            };
-            ctx.metrics.keys.get_or_create(&label).inc_by(delta);
-        }
-    }
+    let keys = desired.dkim.as_ref().map_or(&[][..], |d| d.keys.as_slice());
+    ctx.metrics.keys.record(inventory_key(domain), keys);
+}
+
+fn inventory_key(domain: &MailDomain) -> String {
+    format!(
+        "{}/{}",
+        domain.namespace().unwrap_or_default(),
+        domain.name_any()
+    )
 }
