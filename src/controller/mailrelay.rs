@@ -18,7 +18,9 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use super::relay_objects::{self, UpstreamSecrets, config_files, config_secret, relay_settings};
+use super::relay_objects::{
+    self, CONFIG_BUDGET, UpstreamSecrets, config_files, config_secret, relay_settings,
+};
 use super::secrets::{self, MANAGED_BY, MANAGED_BY_LABEL};
 use super::status::write_if_changed;
 use super::{Context, Error, FIELD_MANAGER};
@@ -91,7 +93,11 @@ fn error_policy(relay: Arc<MailRelay>, error: &Error, ctx: Arc<Context>) -> Acti
 
 async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
-    let Rendered { served, problems } = sync(&relay, &ctx, None).await?;
+    let Rendered {
+        served,
+        problems,
+        left_out,
+    } = sync(&relay, &ctx, None).await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let ready_replicas = deployments
         .get_opt(&relay_objects::relay_object_name(&relay))
@@ -112,7 +118,29 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
         observed_generation: generation,
         last_transition_time: now.clone(),
     };
-    let configured = if problems.is_empty() {
+    let configured = if !left_out.is_empty() {
+        condition(
+            ConditionType::Configured,
+            ConditionStatus::False,
+            "ConfigFull",
+            format!(
+                "{} domain(s) do not fit in the relay's config (one Secret, at most 1 MiB) and are not served: {}{}; move some MailDomains to another MailRelay{}",
+                left_out.len(),
+                left_out
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if left_out.len() > 5 { ", ..." } else { "" },
+                if problems.is_empty() {
+                    String::new()
+                } else {
+                    format!("; also: {}", problems.join("; "))
+                }
+            ),
+        )
+    } else if problems.is_empty() {
         condition(
             ConditionType::Configured,
             ConditionStatus::True,
@@ -175,6 +203,8 @@ pub struct Rendered {
     pub served: usize,
     /// Secrets the spec names that are missing or incomplete.
     pub problems: Vec<String>,
+    /// Domains that did not fit in the relay's config, newest last.
+    pub left_out: Vec<String>,
 }
 
 /// Renders and applies everything for `relay` from the MailDomains it
@@ -200,19 +230,31 @@ pub async fn sync(
         .filter(|md| serves(relay, md) && excluding.is_none_or(|ex| *ex != ObjectRef::from_obj(md)))
         .collect();
 
-    let mut domains = Vec::with_capacity(serving.len());
-    let mut tenants = Vec::with_capacity(serving.len());
+    // Oldest first: when the config is full, the newest domains wait.
+    let mut serving = serving;
+    serving.sort_by(|a, b| {
+        (
+            a.creation_timestamp().map(|t| t.0),
+            a.namespace(),
+            a.name_any(),
+        )
+            .cmp(&(
+                b.creation_timestamp().map(|t| t.0),
+                b.namespace(),
+                b.name_any(),
+            ))
+    });
+    let mut entries = Vec::with_capacity(serving.len());
     for md in &serving {
-        if let Some((domain, tenant)) = entries_for(relay, md, ctx).await? {
-            domains.push(domain);
-            tenants.extend(tenant);
-        }
+        entries.extend(entries_for(relay, md, ctx).await?);
     }
-    let served = domains.len();
-    tracing::info!(mailrelay = %relay.name_any(), domains = served, excluding = ?excluding.map(|e| &e.name), "rendering relay config");
     let (secrets, problems) = upstream_secrets(relay, &namespace, ctx).await?;
     let settings = relay_settings(relay, secrets);
-    let files = config_files(&settings, tenants, domains)?;
+    let (entries, left_out) = relay_objects::fit_budget(&settings, entries, CONFIG_BUDGET)?;
+    let served = entries.len();
+    tracing::info!(mailrelay = %relay.name_any(), domains = served, left_out = left_out.len(), excluding = ?excluding.map(|e| &e.name), "rendering relay config");
+    let (domains, tenants): (Vec<_>, Vec<_>) = entries.into_iter().unzip();
+    let files = config_files(&settings, tenants.into_iter().flatten().collect(), domains)?;
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let secret = config_secret(relay, files);
@@ -239,7 +281,11 @@ pub async fn sync(
             &Patch::Apply(&service),
         )
         .await?;
-    Ok(Rendered { served, problems })
+    Ok(Rendered {
+        served,
+        problems,
+        left_out,
+    })
 }
 
 /// Whether a MailDomain belongs on this relay: it references it, is Ready

@@ -24,6 +24,9 @@ use crate::relay::config::{
 /// Domains per shard file: a shard of RSA-2048 domains stays well under
 /// 1 MiB, the API server's limit for one Secret.
 pub const DOMAINS_PER_SHARD: usize = 250;
+/// The most config one relay takes: it is one Secret, which the API server
+/// caps at 1 MiB; the rest is headroom for JSON framing.
+pub const CONFIG_BUDGET: usize = 960 * 1024;
 /// Port of the relay's admin server (health and metrics).
 pub const RELAY_ADMIN_PORT: i32 = 9090;
 const CONFIG_DIR: &str = "/etc/mailauth/relay";
@@ -129,6 +132,38 @@ pub fn config_files(
         );
     }
     Ok(files)
+}
+
+/// One domain's part of the relay config: its entry and its tenant's.
+pub type DomainConfig = (DomainEntry, Option<TenantEntry>);
+
+/// Splits `entries` (in the order they should keep their place: oldest
+/// MailDomain first) into those that fit in `budget` bytes next to
+/// `settings`, and the domains left out. The cut is a prefix, so a domain
+/// already served is never pushed out by a newer one.
+pub fn fit_budget(
+    settings: &RelaySettings,
+    entries: Vec<DomainConfig>,
+    budget: usize,
+) -> Result<(Vec<DomainConfig>, Vec<String>), serde_json::Error> {
+    let mut used = serde_json::to_vec_pretty(settings)?.len();
+    let mut kept = Vec::with_capacity(entries.len());
+    let mut left_out = Vec::new();
+    for (domain, tenant) in entries {
+        // Separators and a shard's own framing stay within this slack.
+        let size = serde_json::to_vec(&domain)?.len()
+            + tenant
+                .as_ref()
+                .map_or(Ok(0), |t| serde_json::to_vec(t).map(|v| v.len()))?
+            + 64;
+        if left_out.is_empty() && used + size <= budget {
+            used += size;
+            kept.push((domain, tenant));
+        } else {
+            left_out.push(domain.domain);
+        }
+    }
+    Ok((kept, left_out))
 }
 
 /// The Secret the relay mounts as its config directory.
@@ -353,6 +388,37 @@ mod tests {
         let shard: DomainShard = serde_json::from_slice(&files["domains-0001.json"]).unwrap();
         assert_eq!(shard.tenants.len(), 1, "the tenant travels with its domain");
         assert!(shard.domains.iter().any(|d| d.domain == "d0300.test"));
+    }
+
+    #[test]
+    fn domains_past_the_budget_are_left_out_and_never_push_out_older_ones() {
+        let settings = relay_settings(&relay(), UpstreamSecrets::default());
+        let entries: Vec<DomainConfig> = (0..100)
+            .map(|i| (domain(&format!("d{i:04}.test")), None))
+            .collect();
+        let (all, none) = fit_budget(&settings, entries.clone(), CONFIG_BUDGET).unwrap();
+        assert_eq!((all.len(), none.len()), (100, 0));
+
+        // A budget for about 40 domains: the first 40 stay, in order.
+        let per_domain = serde_json::to_vec(&entries[0].0).unwrap().len() + 64;
+        let budget = serde_json::to_vec_pretty(&settings).unwrap().len() + 40 * per_domain + 10;
+        let (kept, left_out) = fit_budget(&settings, entries.clone(), budget).unwrap();
+        assert_eq!(kept.len(), 40);
+        assert_eq!(kept[39].0.domain, "d0039.test");
+        assert_eq!(left_out.len(), 60);
+        assert_eq!(left_out[0], "d0040.test");
+
+        let files = config_files(
+            &settings,
+            vec![],
+            kept.into_iter().map(|(domain, _)| domain).collect(),
+        )
+        .unwrap();
+        let total: usize = files.values().map(Vec::len).sum();
+        assert!(
+            total <= budget,
+            "{total} bytes rendered for a budget of {budget}"
+        );
     }
 
     #[test]
