@@ -93,11 +93,7 @@ fn error_policy(relay: Arc<MailRelay>, error: &Error, ctx: Arc<Context>) -> Acti
 
 async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
-    let Rendered {
-        served,
-        problems,
-        left_out,
-    } = sync(&relay, &ctx, None).await?;
+    let rendered = sync(&relay, &ctx, None).await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let ready_replicas = deployments
         .get_opt(&relay_objects::relay_object_name(&relay))
@@ -118,47 +114,11 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
         observed_generation: generation,
         last_transition_time: now.clone(),
     };
-    let configured = if !left_out.is_empty() {
-        condition(
-            ConditionType::Configured,
-            ConditionStatus::False,
-            "ConfigFull",
-            format!(
-                "{} domain(s) do not fit in the relay's config (one Secret, at most 1 MiB) and are not served: {}{}; move some MailDomains to another MailRelay{}",
-                left_out.len(),
-                left_out
-                    .iter()
-                    .take(5)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                if left_out.len() > 5 { ", ..." } else { "" },
-                if problems.is_empty() {
-                    String::new()
-                } else {
-                    format!("; also: {}", problems.join("; "))
-                }
-            ),
-        )
-    } else if problems.is_empty() {
-        condition(
-            ConditionType::Configured,
-            ConditionStatus::True,
-            "Rendered",
-            format!("Deployment, Service and config rendered for {served} domain(s)"),
-        )
-    } else {
-        condition(
-            ConditionType::Configured,
-            ConditionStatus::False,
-            "UpstreamSecretInvalid",
-            format!(
-                "rendered for {served} domain(s), but the relay cannot reach its upstream as intended: {}",
-                problems.join("; ")
-            ),
-        )
-    };
-    Condition::upsert(&mut conditions, configured);
+    let (status, reason, message) = configured(&rendered);
+    Condition::upsert(
+        &mut conditions,
+        condition(ConditionType::Configured, status, reason, message),
+    );
     let (status, reason, message) = if ready_replicas > 0 {
         (
             ConditionStatus::True,
@@ -183,7 +143,7 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
         observed_generation: generation,
         conditions,
         ready_replicas,
-        domains: i32::try_from(served).unwrap_or(i32::MAX),
+        domains: i32::try_from(rendered.served).unwrap_or(i32::MAX),
     };
     let api: Api<MailRelay> = Api::namespaced(ctx.client.clone(), &namespace);
     write_if_changed(
@@ -195,6 +155,49 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
     )
     .await?;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The `Configured` condition for what a render did.
+fn configured(rendered: &Rendered) -> (ConditionStatus, &'static str, String) {
+    let Rendered {
+        served,
+        problems,
+        left_out,
+    } = rendered;
+    if !left_out.is_empty() {
+        let mut names = left_out
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if left_out.len() > 5 {
+            names.push_str(", ...");
+        }
+        let mut message = format!(
+            "{} domain(s) do not fit in the relay's config (one Secret, at most 1 MiB) and are not served: {names}; move some MailDomains to another MailRelay",
+            left_out.len()
+        );
+        if !problems.is_empty() {
+            message.push_str(&format!("; also: {}", problems.join("; ")));
+        }
+        (ConditionStatus::False, "ConfigFull", message)
+    } else if !problems.is_empty() {
+        (
+            ConditionStatus::False,
+            "UpstreamSecretInvalid",
+            format!(
+                "rendered for {served} domain(s), but the relay cannot reach its upstream as intended: {}",
+                problems.join("; ")
+            ),
+        )
+    } else {
+        (
+            ConditionStatus::True,
+            "Rendered",
+            format!("Deployment, Service and config rendered for {served} domain(s)"),
+        )
+    }
 }
 
 /// What a render did.
@@ -232,17 +235,12 @@ pub async fn sync(
 
     // Oldest first: when the config is full, the newest domains wait.
     let mut serving = serving;
-    serving.sort_by(|a, b| {
+    serving.sort_by_cached_key(|md| {
         (
-            a.creation_timestamp().map(|t| t.0),
-            a.namespace(),
-            a.name_any(),
+            md.creation_timestamp().map(|t| t.0),
+            md.namespace(),
+            md.name_any(),
         )
-            .cmp(&(
-                b.creation_timestamp().map(|t| t.0),
-                b.namespace(),
-                b.name_any(),
-            ))
     });
     let mut entries = Vec::with_capacity(serving.len());
     for md in &serving {
@@ -414,4 +412,39 @@ async fn upstream_secrets(
 fn secret_text(secret: &Secret, key: &str) -> Option<String> {
     let bytes = secret.data.as_ref()?.get(key)?;
     String::from_utf8(bytes.0.clone()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(problems: &[&str], left_out: usize) -> Rendered {
+        Rendered {
+            served: 3,
+            problems: problems.iter().map(|p| p.to_string()).collect(),
+            left_out: (0..left_out).map(|i| format!("d{i}.test")).collect(),
+        }
+    }
+
+    #[test]
+    fn configured_says_what_keeps_the_relay_from_serving_as_intended() {
+        let (status, reason, _) = configured(&rendered(&[], 0));
+        assert_eq!((status, reason), (ConditionStatus::True, "Rendered"));
+
+        let (status, reason, message) =
+            configured(&rendered(&["spec.upstream.caSecretName: x"], 0));
+        assert_eq!(
+            (status, reason),
+            (ConditionStatus::False, "UpstreamSecretInvalid")
+        );
+        assert!(message.contains("spec.upstream.caSecretName"), "{message}");
+
+        let (status, reason, message) =
+            configured(&rendered(&["spec.upstream.authSecretName: y"], 7));
+        assert_eq!((status, reason), (ConditionStatus::False, "ConfigFull"));
+        assert!(message.starts_with("7 domain(s)"), "{message}");
+        assert!(message.contains("d4.test, ..."), "{message}");
+        assert!(!message.contains("d5.test"), "{message}");
+        assert!(message.contains("authSecretName"), "{message}");
+    }
 }
