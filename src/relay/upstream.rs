@@ -13,7 +13,7 @@ use mail_send::{Credentials, SmtpClient};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use smtp_proto::{EXT_PIPELINING, EXT_START_TLS, Response};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
@@ -272,6 +272,28 @@ async fn expect_greeting<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Sends pipelined commands in one write and reads one reply for each.
+///
+/// One write matters: written one by one (as mail-send's `cmds` does) on a
+/// socket without Nagle, each command leaves as its own segment, the server
+/// answers the first before the next arrives, and a server that has Nagle on
+/// holds its next reply until our delayed ACK, 40 ms later. The relay bench
+/// saw that on about 2% of messages (+p99 of 44 ms at one client).
+async fn send_batch(
+    client: &mut Client,
+    batch: &str,
+    replies: usize,
+    timeout: Duration,
+) -> Result<Vec<Response<String>>, mail_send::Error> {
+    tokio::time::timeout(timeout, async {
+        client.stream.write_all(batch.as_bytes()).await?;
+        client.stream.flush().await?;
+        client.read_many(replies).await
+    })
+    .await
+    .map_err(|_| mail_send::Error::Timeout)?
+}
+
 enum TransactionError {
     /// An I/O failure on the first exchange of a reused connection.
     StaleBeforeContent,
@@ -295,8 +317,7 @@ async fn transact(
 
     let client = &mut connection.client;
     let replies = if connection.pipelining {
-        client
-            .cmds(&commands)
+        send_batch(client, &commands.concat(), commands.len(), timeout)
             .await
             .map_err(|_| TransactionError::StaleBeforeContent)?
     } else {
