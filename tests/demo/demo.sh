@@ -43,7 +43,10 @@ if missing_tools; then
 fi
 
 work="$(mktemp -d /tmp/mailauth-demo.XXXXXX)"
-ns="mailauth-demo"
+# A namespace of its own per run: this control plane has no namespace
+# controller, so a namespace deleted by an earlier run never finishes
+# terminating, and waiting for it would hang a second run.
+ns="mailauth-demo-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')"
 pids=()
 cleanup() {
   local code=$?
@@ -68,7 +71,6 @@ kubectl="$repo/target/cluster/bin/kubectl"
 say "Installing the CRDs and applying examples/ into namespace $ns"
 $kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 $kubectl wait --for=condition=Established crd/maildomains.mailauth.dev crd/mailrelays.mailauth.dev --timeout=60s >/dev/null
-$kubectl delete namespace "$ns" --ignore-not-found --wait=true >/dev/null
 $kubectl create namespace "$ns" >/dev/null
 # The example relay admits namespaces labelled for it (allowedNamespaces).
 $kubectl label namespace "$ns" mailauth.dev/relay=shared >/dev/null
