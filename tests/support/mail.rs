@@ -52,12 +52,13 @@ impl SmtpSink {
             dir,
             child: None,
         };
-        sink.spawn();
+        sink.spawn("");
         sink
     }
 
-    fn spawn(&mut self) {
-        let template = format!("{}/%M.", self.dir.path().display());
+    /// Starts smtp-sink on the sink's port, naming its files `<prefix>%M.`.
+    fn spawn(&mut self, prefix: &str) {
+        let template = format!("{}/{prefix}%M.", self.dir.path().display());
         let child = Command::new("smtp-sink")
             .args(["-u", "root", "-d", &template])
             .arg(format!("127.0.0.1:{}", self.port))
@@ -491,22 +492,7 @@ impl SmtpSink {
         static RESTARTS: AtomicUsize = AtomicUsize::new(0);
         let generation = RESTARTS.fetch_add(1, Ordering::Relaxed) + 1;
         self.stop();
-        let template = format!("{}/r{generation}-%M.", self.dir.path().display());
-        let child = Command::new("smtp-sink")
-            .args(["-u", "root", "-d", &template])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("100")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("running smtp-sink (Debian package `postfix`)");
-        self.child = Some(child);
-        let port = self.port;
-        assert!(
-            wait_until(START_TIMEOUT, || accepts_connections(port).then_some(())).is_some(),
-            "smtp-sink did not listen on {port} again"
-        );
+        self.spawn(&format!("r{generation}-"));
     }
 
     /// Whether some stored message has `needle` in its headers or body.
