@@ -1,11 +1,16 @@
 //! The relay's configuration: what the operator renders into a relay's
 //! config Secret(s) and the relay reads from its mounted directory.
 //!
-//! The directory holds `relay.json` (one [`RelaySettings`]) and any number of
+//! The config is `relay.json` (one [`RelaySettings`]) and any number of
 //! `domains-*.json` shards (each a [`DomainShard`]); the relay merges all
-//! shards. Sharding keeps each Secret under the API server's 1 MiB limit
-//! however many domains a relay serves. Keys and hashes are secrets: this
-//! file is only ever stored in Secrets, and its types never print them.
+//! shards. In a cluster they are the data of the relay's config Secrets in
+//! its own namespace, which the relay watches (see `docs/relay-config.md`):
+//! the settings in [`settings_secret_name`], each shard in its own Secret
+//! ([`shard_secret_name`]), a domain always in the shard of its
+//! [`shard_of`] bucket, so a change rewrites one small Secret and every
+//! Secret stays far under the API server's 1 MiB limit. Outside a cluster
+//! they are files of one directory. Keys and hashes are secrets: this config
+//! is only ever stored in Secrets, and its types never print them.
 
 use std::fmt;
 
@@ -17,6 +22,35 @@ use crate::api::{KeyAlgorithm, RelayLimits, UpstreamTls};
 pub const SETTINGS_FILE: &str = "relay.json";
 /// Prefix (and `.json` suffix) of the domain shards.
 pub const SHARD_PREFIX: &str = "domains-";
+
+/// The label on every config Secret of a relay: its value is the MailRelay's
+/// name. The relay watches the Secrets of its namespace with this label.
+pub const RELAY_CONFIG_LABEL: &str = "mailauth.dev/relay-config";
+
+/// How many shard buckets a relay's domains are spread over. 256 Secrets of
+/// at most ~900 KiB hold about 90,000 RSA-4096 domains.
+pub const SHARD_BUCKETS: usize = 256;
+
+/// The Secret holding a relay's `relay.json`.
+pub fn settings_secret_name(relay: &str) -> String {
+    format!("{relay}-relay-config")
+}
+
+/// The Secret holding one shard bucket of a relay's domains.
+pub fn shard_secret_name(relay: &str, bucket: u8) -> String {
+    format!("{relay}-relay-config-{bucket:02x}")
+}
+
+/// The data key (or file name) of a shard bucket.
+pub fn shard_file_name(bucket: u8) -> String {
+    format!("{SHARD_PREFIX}{bucket:02x}.json")
+}
+
+/// The bucket a domain lives in: the first byte of the SHA-256 of its name,
+/// so it never moves between shards and a shard holds about 1/256 of them.
+pub fn shard_of(domain: &str) -> u8 {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, domain.as_bytes()).as_ref()[0]
+}
 
 /// Relay-wide settings, from the MailRelay spec.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -22,6 +22,9 @@ pub struct RelayMetrics {
     config_reloads: Family<ResultLabel, Counter>,
     tls_reloads: Family<ResultLabel, Counter>,
     connections: Gauge,
+    config_domains: Gauge,
+    config_tenants: Gauge,
+    config_rejected: Family<ReasonLabel, Gauge>,
 }
 
 impl RelayMetrics {
@@ -36,6 +39,9 @@ impl RelayMetrics {
             config_reloads: Family::default(),
             tls_reloads: Family::default(),
             connections: Gauge::default(),
+            config_domains: Gauge::default(),
+            config_tenants: Gauge::default(),
+            config_rejected: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("mailauth_relay");
         r.register(
@@ -78,6 +84,21 @@ impl RelayMetrics {
             "Client connections open",
             metrics.connections.clone(),
         );
+        r.register(
+            "config_domains",
+            "Domains the current config serves",
+            metrics.config_domains.clone(),
+        );
+        r.register(
+            "config_tenants",
+            "Tenants the current config knows",
+            metrics.config_tenants.clone(),
+        );
+        r.register(
+            "config_rejected_entries",
+            "Entries of the current config that are not served, by reason",
+            metrics.config_rejected.clone(),
+        );
         Arc::new(metrics)
     }
 
@@ -117,6 +138,22 @@ impl RelayMetrics {
                 result: result.to_string(),
             })
             .inc();
+    }
+
+    /// What the config now in effect serves and leaves out.
+    pub fn config_in_effect(&self, domains: usize, tenants: usize, rejected_reasons: &[&str]) {
+        self.config_domains
+            .set(i64::try_from(domains).unwrap_or(i64::MAX));
+        self.config_tenants
+            .set(i64::try_from(tenants).unwrap_or(i64::MAX));
+        self.config_rejected.clear();
+        for reason in rejected_reasons {
+            self.config_rejected
+                .get_or_create(&ReasonLabel {
+                    reason: (*reason).to_string(),
+                })
+                .inc();
+        }
     }
 
     pub fn tls_reload(&self, result: &str) {

@@ -39,10 +39,26 @@ use crate::controller::parse_std_duration;
 /// Settings of `mailauth-operator relay`.
 #[derive(Args, Debug, Clone)]
 pub struct RelayArgs {
-    /// The mounted config Secret: `relay.json` and `domains-*.json`.
+    /// Read the config from a directory holding `relay.json` and
+    /// `domains-*.json` (a relay outside a cluster, or a mounted Secret).
     /// Re-read when it changes, without a restart.
-    #[arg(long)]
-    pub config_dir: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "config_secrets",
+        conflicts_with = "config_secrets"
+    )]
+    pub config_dir: Option<PathBuf>,
+
+    /// Read the config from the Secrets of this MailRelay (labelled
+    /// `mailauth.dev/relay-config=<name>`) in `--namespace`, watched through
+    /// the API server: how the operator runs relays. Changes arrive within a
+    /// second; while the API server is away the last good config serves.
+    #[arg(long, value_name = "MAILRELAY")]
+    pub config_secrets: Option<String>,
+
+    /// The namespace of the config Secrets (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
 
     /// Where SMTP submission is served.
     #[arg(long, default_value = "0.0.0.0:587")]
@@ -90,27 +106,18 @@ pub enum RelayError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parsing relay config {path}: {source}")]
+    /// Never quotes the settings: they hold the upstream password.
+    #[error("the relay settings {part} cannot be used: {problem}")]
     ConfigParse {
-        path: PathBuf,
-        source: serde_json::Error,
+        part: String,
+        problem: snapshot::JsonProblem,
     },
-    #[error("domain {domain} appears in more than one shard of the relay config")]
-    DuplicateDomain { domain: String },
-    #[error("tenant {username} appears more than once in the relay config")]
-    DuplicateTenant { username: String },
-    #[error("the password hash of tenant {username} is malformed; regenerate its credentials")]
-    InvalidPasswordHash { username: String },
+    #[error("the relay config has no {} (settings)", config::SETTINGS_FILE)]
+    NoSettings,
     #[error("the upstream CA certificates in the relay config cannot be used: {0}")]
     UpstreamCa(String),
-    #[error("domain {domain} has no signing key in the relay config")]
-    NoSigningKey { domain: String },
-    #[error("the signing key {selector} of {domain} cannot be used: {source}")]
-    SigningKey {
-        domain: String,
-        selector: String,
-        source: crate::dkim::KeyError,
-    },
+    #[error("connecting to the API server for the config Secrets: {0}")]
+    Kube(#[from] kube::Error),
     #[error("TLS certificate {cert}: {reason}")]
     Tls { cert: PathBuf, reason: String },
     #[error("setting up the upstream TLS client: {0}")]
@@ -132,17 +139,30 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     let metrics = metrics::RelayMetrics::register(&mut registry);
     let store = Arc::new(reload::ConfigStore::default());
 
-    let known = {
-        let (dir, store, metrics) = (args.config_dir.clone(), store.clone(), metrics.clone());
-        tokio::task::spawn_blocking(move || reload::initial_load(&dir, &store, &metrics))
+    let mut reloader = reload::Reloader::new(store.clone(), metrics.clone());
+    let config_source = match (&args.config_dir, &args.config_secrets) {
+        (Some(dir), _) => {
+            let dir = dir.clone();
+            let (known, reloader) = tokio::task::spawn_blocking(move || {
+                let known = reload::initial_load_dir(&dir, &mut reloader);
+                (known, reloader)
+            })
             .await
-            .unwrap_or_default()
+            .map_err(|error| RelayError::Admin(std::io::Error::other(error)))?;
+            ConfigSource::Dir { known, reloader }
+        }
+        (None, Some(relay)) => ConfigSource::Secrets {
+            client: kube::Client::try_default().await?,
+            relay: relay.clone(),
+            reloader,
+        },
+        (None, None) => return Err(RelayError::NoSettings),
     };
     if !store
         .loaded_flag()
         .load(std::sync::atomic::Ordering::Relaxed)
     {
-        tracing::warn!(dir = %args.config_dir.display(), "no valid relay config yet; waiting for one");
+        tracing::warn!("no valid relay config yet; waiting for one");
     }
 
     let certificate = match (&args.tls_cert, &args.tls_key) {
@@ -186,13 +206,25 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
             let _ = admin_stopped.await;
         },
     ));
-    let watcher = tokio::spawn(reload::watch(
-        args.config_dir.clone(),
-        known,
-        args.reload_interval,
-        store.clone(),
-        metrics.clone(),
-    ));
+    let watcher = match config_source {
+        ConfigSource::Dir { known, reloader } => tokio::spawn(reload::watch_dir(
+            args.config_dir.clone().unwrap_or_default(),
+            known,
+            args.reload_interval,
+            reloader,
+        )),
+        ConfigSource::Secrets {
+            client,
+            relay,
+            reloader,
+        } => tokio::spawn(reload::watch_secrets(
+            client,
+            args.namespace.clone(),
+            relay,
+            CONFIG_DEBOUNCE,
+            reloader,
+        )),
+    };
     let certificate_watcher = certificate
         .map(|certificate| tokio::spawn(certificate.watch(args.reload_interval, metrics.clone())));
     let active = Arc::new(AtomicUsize::new(0));
@@ -218,6 +250,23 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     let _ = stop_admin.send(());
     drain(&active, args.command_timeout).await;
     result
+}
+
+/// Config Secret changes arriving within this long of each other are built
+/// into one snapshot (a rotation wave rewrites many shards at once).
+const CONFIG_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Where the relay's config comes from.
+enum ConfigSource {
+    Dir {
+        known: Option<String>,
+        reloader: reload::Reloader,
+    },
+    Secrets {
+        client: kube::Client,
+        relay: String,
+        reloader: reload::Reloader,
+    },
 }
 
 /// Waits until open sessions end, at most `limit`.
