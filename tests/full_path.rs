@@ -1,8 +1,9 @@
 //! The whole path, as a platform and a tenant would see it: a MailRelay and
 //! a MailDomain on the real API server, the records the status asks for
-//! published in a real knot, the relay run as a process on the config
-//! Secret the operator rendered (written to a directory the way kubelet
-//! mounts a Secret), a message submitted with swaks using the tenant's
+//! published in a real knot, the relay run as a process the way the
+//! operator deploys it (watching its config Secrets through the API server,
+//! as the relay's own ServiceAccount, so the Role the operator renders is
+//! what it runs with), a message submitted with swaks using the tenant's
 //! credentials Secret, stored by Postfix's smtp-sink, and its DKIM
 //! signature verified by dkimpy. Then a rotation: the relay picks up the new
 //! key without a restart and the next message verifies with it.
@@ -14,22 +15,38 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use mailauth_operator::api::{ConditionStatus, ConditionType, KeyState, MailDomain, MailRelay};
 use mailauth_operator::dkim::dkim_txt_value;
+use mailauth_operator::relay::config::{shard_of, shard_secret_name};
 use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
-use support::mail::{KubeletDir, Relay, SmtpSink, Swaks, dkimpy_verify, self_signed_certificate};
+use support::mail::{Relay, SmtpSink, Swaks, dkimpy_verify, self_signed_certificate};
 use support::operator::{Operator, is, wait_for};
 
 const ZONE: &str = "tenant.test";
 const DUE: SignedDuration = SignedDuration::from_secs(11 * 60);
 
-fn secret_files(secret: &Secret) -> Vec<(String, Vec<u8>)> {
+/// Whether a Secret's data mentions `text`.
+fn mentions(secret: &Secret, text: &str) -> bool {
     secret
         .data
         .iter()
         .flatten()
-        .map(|(name, bytes)| (name.clone(), bytes.0.clone()))
-        .collect()
+        .any(|(_, bytes)| String::from_utf8_lossy(&bytes.0).contains(text))
 }
+
+/// Whether `check` holds within 30 s, polled without blocking the
+/// in-process operator.
+async fn eventually(check: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    check()
+}
+
+const RELOADS: &str = "mailauth_relay_config_reloads_total{result=\"success\"}";
 
 fn field(secret: &Secret, key: &str) -> String {
     String::from_utf8(secret.data.as_ref().expect("data")[key].0.clone()).expect("utf-8")
@@ -119,36 +136,43 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     .await;
     let first = active_selector(&md).expect("an active selector");
 
-    // The relay runs on exactly what the operator rendered.
-    let config = tokio::time::timeout(
+    // The relay runs on exactly what the operator rendered, read the way a
+    // relay pod reads it: its ServiceAccount watching its namespace.
+    let shard = shard_secret_name("shared", shard_of(ZONE));
+    tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(
-            secrets.clone(),
-            "shared-relay-config",
-            |s: Option<&Secret>| {
-                s.is_some_and(|s| {
-                    secret_files(s)
-                        .iter()
-                        .any(|(_, bytes)| String::from_utf8_lossy(bytes).contains(ZONE))
-                })
-            },
-        ),
+        kube::runtime::wait::await_condition(secrets.clone(), &shard, |s: Option<&Secret>| {
+            s.is_some_and(|s| mentions(s, ZONE))
+        }),
     )
     .await
     .expect("the relay config lists the domain within 60 s")
-    .expect("watching the config Secret")
-    .expect("config Secret");
-    let mut mounted = KubeletDir::new();
-    let files = secret_files(&config);
-    mounted.write(
-        &files
-            .iter()
-            .map(|(n, b)| (n.as_str(), b.clone()))
-            .collect::<Vec<_>>(),
-    );
+    .expect("watching the config shard");
+    // Its ServiceAccount can read the config once the RoleBinding exists
+    // (Relay::start blocks this test's thread, and the operator with it).
+    let bindings: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(client.clone(), &ns.name);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        kube::runtime::wait::await_condition(bindings, "shared-relay", |b: Option<&_>| b.is_some()),
+    )
+    .await
+    .expect("the relay's RoleBinding is rendered within 60 s")
+    .expect("watching RoleBindings");
     let tls_dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = c.service_account_kubeconfig(&ns.name, "shared-relay", tls_dir.path());
     let (cert, key) = self_signed_certificate(tls_dir.path(), "relay.platform.test");
-    let relay = Relay::start(mounted.path(), Some((&cert, &key)));
+    let relay = Relay::start_from_cluster("shared", &ns.name, &kubeconfig, Some((&cert, &key)));
+    assert!(
+        eventually(|| {
+            relay
+                .metric("mailauth_relay_config_domains")
+                .is_some_and(|domains| domains >= 1.0)
+        })
+        .await,
+        "the relay never served the domain:\n{}",
+        relay.log()
+    );
 
     let credentials = secrets
         .get("tenant-smtp")
@@ -187,8 +211,11 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     );
 
     // A rotation: the new key activates once published, the operator
-    // re-renders, the mounted config is swapped under the running relay,
-    // and the next message is signed with the new selector.
+    // rewrites the domain's shard, the running relay reloads it, and the
+    // next message is signed with the new selector. Only the activation
+    // changes the shard (a Pending key is not served), so the first reload
+    // after the shard carries the new selector is that one.
+    let reloads_before = relay.metric(RELOADS).expect("the reload counter");
     let patch =
         serde_json::json!({"metadata": {"annotations": {"mailauth.dev/rotate-requested": "now"}}});
     domains
@@ -209,58 +236,43 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     })
     .await;
     let second = active_selector(&md).expect("an active selector");
-    let config = tokio::time::timeout(
+    tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(secrets.clone(), "shared-relay-config", {
+        kube::runtime::wait::await_condition(secrets.clone(), &shard, {
             let second = second.clone();
-            move |s: Option<&Secret>| {
-                s.is_some_and(|s| {
-                    secret_files(s)
-                        .iter()
-                        .any(|(_, b)| String::from_utf8_lossy(b).contains(&second))
-                })
-            }
+            move |s: Option<&Secret>| s.is_some_and(|s| mentions(s, &second))
         }),
     )
     .await
     .expect("the relay config carries the new key within 60 s")
-    .expect("watching")
-    .expect("config Secret");
-    let files = secret_files(&config);
-    mounted.write(
-        &files
-            .iter()
-            .map(|(n, b)| (n.as_str(), b.clone()))
-            .collect::<Vec<_>>(),
-    );
-    // The relay reloads on its own; wait until a message carries the new
-    // selector (each attempt is a real submission that must succeed).
-    let mut delivered = 1;
-    let mut rotated = None;
-    for n in 2..=40 {
-        let sent = submit(n);
-        assert!(
-            sent.success,
-            "swaks failed during the reload:\n{}",
-            sent.transcript
-        );
-        delivered += 1;
-        let stored = sink.wait_for(delivered, std::time::Duration::from_secs(30));
-        let verdicts = dkimpy_verify(&stored[delivered - 1], knot.port());
-        assert!(
-            verdicts.iter().all(|v| v.pass),
-            "every stored message verifies: {verdicts:?}"
-        );
-        if verdicts.iter().any(|v| v.selector == second) {
-            rotated = Some(n);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    .expect("watching the config shard");
     assert!(
-        rotated.is_some(),
-        "the relay never signed with the new selector:\n{}",
+        eventually(|| {
+            relay
+                .metric(RELOADS)
+                .is_some_and(|reloads| reloads > reloads_before)
+        })
+        .await,
+        "the relay never reloaded its config:\n{}",
         relay.log()
+    );
+    let sent = submit(2);
+    assert!(
+        sent.success,
+        "swaks failed after the reload:\n{}",
+        sent.transcript
+    );
+    let stored = sink.wait_for(2, std::time::Duration::from_secs(30));
+    let newest = stored
+        .iter()
+        .find(|m| String::from_utf8_lossy(m).contains("Subject: full path 2"))
+        .expect("the second message is stored");
+    let verdicts = dkimpy_verify(newest, knot.port());
+    assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
+    assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
+    assert_eq!(
+        verdicts[0].selector, second,
+        "the message after the reload is signed with the new key"
     );
     assert!(
         relay

@@ -1,8 +1,8 @@
-//! The MailRelay controller against the real API server: a Ready MailDomain
-//! reaches its relay's config with its active key and a credential hash,
-//! the tenant gets SMTP credentials, a namespace the relay does not admit is
-//! refused with the reason, and a deleted MailDomain leaves the relay before
-//! it is gone.
+//! The MailRelay controller and the relay projection against the real API
+//! server: a Ready MailDomain reaches its relay's config shard with its
+//! active key and a credential hash, the tenant gets SMTP credentials, a
+//! namespace the relay does not admit is refused with the reason, and a
+//! deleted MailDomain leaves the relay before it is gone.
 
 mod support;
 
@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use mailauth_operator::api::{Condition, ConditionStatus, ConditionType, MailDomain, MailRelay};
 use mailauth_operator::dkim::dkim_txt_value;
 use mailauth_operator::relay::auth::PasswordHash;
-use mailauth_operator::relay::config::DomainShard;
+use mailauth_operator::relay::config::{DomainShard, shard_of, shard_secret_name};
 use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
 use support::operator::{Operator, is, wait_for};
@@ -29,6 +29,11 @@ fn shards(secret: &Secret) -> Vec<DomainShard> {
         .filter(|(name, _)| name.starts_with("domains-"))
         .map(|(_, bytes)| serde_json::from_slice(&bytes.0).expect("shard parses"))
         .collect()
+}
+
+/// The Secret that holds a domain's shard on relay `shared`.
+fn shard_name(domain: &str) -> String {
+    shard_secret_name("shared", shard_of(domain))
 }
 
 async fn wait_config(
@@ -79,22 +84,27 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
     .unwrap();
     domains.create(&PostParams::default(), &md).await.unwrap();
 
-    // Accepted (same namespace) and given credentials; not Ready until DNS.
-    let md = wait_for(&domains, "acme", "RelayAccepted and a pending key", |md| {
-        is(md, ConditionType::RelayAccepted, ConditionStatus::True)
-            && md
-                .status
-                .as_ref()
-                .and_then(|s| s.dkim.as_ref())
-                .is_some_and(|d| !d.keys.is_empty())
+    // Admitted (same namespace) and given credentials; not served until
+    // DNS verifies its key, and RelayAccepted says so.
+    let md = wait_for(&domains, "acme", "credentials and a pending key", |md| {
+        md.status.as_ref().is_some_and(|s| {
+            s.credentials_hash.is_some() && s.dkim.as_ref().is_some_and(|d| !d.keys.is_empty())
+        })
     })
     .await;
     let status = md.status.clone().unwrap();
     assert_eq!(status.credentials_secret.as_deref(), Some("acme-smtp"));
+    let accepted = Condition::find(&status.conditions, ConditionType::RelayAccepted).unwrap();
+    assert_eq!(
+        (accepted.status, accepted.reason.as_str()),
+        (ConditionStatus::False, "NotVerifiedYet"),
+        "{}",
+        accepted.message
+    );
     let spf = status
         .records
         .iter()
-        .find(|r| r.purpose == "SPF")
+        .find(|r| r.purpose == mailauth_operator::api::RecordPurpose::Spf)
         .expect("an SPF record once a relay is accepted");
     assert_eq!(spf.value, "v=spf1 ip4:192.0.2.10 ~all");
     let credentials = secrets.get("acme-smtp").await.unwrap();
@@ -104,12 +114,24 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
     assert_eq!(field("port"), "587");
     let (username, password) = (field("username"), field("password"));
 
-    let config = wait_config(&secrets, "shared-relay-config", "an empty config", |s| {
-        !s.is_empty()
-    })
-    .await;
+    let settings = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        kube::runtime::wait::await_condition(
+            secrets.clone(),
+            "shared-relay-config",
+            |s: Option<&Secret>| s.is_some(),
+        ),
+    )
+    .await
+    .expect("the relay's settings Secret is rendered")
+    .expect("watching")
+    .expect("settings Secret");
+    assert_eq!(
+        settings.data.unwrap().keys().collect::<Vec<_>>(),
+        vec!["relay.json"]
+    );
     assert!(
-        config.iter().all(|s| s.domains.is_empty()),
+        secrets.get_opt(&shard_name(ZONE)).await.unwrap().is_none(),
         "an unverified domain never reaches the relay"
     );
 
@@ -129,7 +151,7 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
         is(md, ConditionType::Ready, ConditionStatus::True)
     })
     .await;
-    let config = wait_config(&secrets, "shared-relay-config", "the domain", |s| {
+    let config = wait_config(&secrets, &shard_name(ZONE), "the domain", |s| {
         s.iter().any(|s| !s.domains.is_empty())
     })
     .await;
@@ -186,7 +208,7 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
         .args
         .clone()
         .unwrap();
-    assert!(args.iter().any(|a| a == "--config-dir=/etc/mailauth/relay"));
+    assert!(args.iter().any(|a| a == "--config-secrets=shared"));
     let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     assert_eq!(
         services
@@ -218,10 +240,11 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
     .await
     .expect("MailDomain deleted")
     .unwrap();
-    let after = shards(&secrets.get("shared-relay-config").await.unwrap());
+    let after = secrets.get_opt(&shard_name(ZONE)).await.unwrap();
     assert!(
-        after.iter().all(|s| s.domains.is_empty()),
-        "the deleted domain is gone from the relay: {after:?}"
+        after.is_none(),
+        "the deleted domain is gone from the relay: {:?}",
+        after.map(|s| shards(&s))
     );
     operator.stop().await;
     ns.delete().await;
@@ -270,14 +293,22 @@ async fn a_relay_refuses_namespaces_it_does_not_admit() {
         "no credentials for a refused domain"
     );
 
-    // Labelling the namespace admits it.
+    // Labelling the namespace admits it: credentials are issued, and the
+    // relay waits only for DNS now.
     c.label_namespace(&ns.name, "mailauth.dev/relay", "picky")
         .await;
-    operator.advance(DUE);
-    wait_for(&domains, "acme", "RelayAccepted True", |md| {
-        is(md, ConditionType::RelayAccepted, ConditionStatus::True)
+    let md = wait_for(&domains, "acme", "admitted", |md| {
+        md.status.as_ref().is_some_and(|s| {
+            s.credentials_hash.is_some()
+                && Condition::find(&s.conditions, ConditionType::RelayAccepted)
+                    .is_some_and(|c| c.reason == "NotVerifiedYet")
+        })
     })
     .await;
+    assert_eq!(
+        md.status.unwrap().credentials_secret.as_deref(),
+        Some("acme-smtp")
+    );
     operator.stop().await;
     ns.delete().await;
 }

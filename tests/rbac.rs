@@ -275,6 +275,24 @@ fn what_the_operator_does(release_ns: &str, lease: &str) -> Vec<Ask> {
             "relay Deployments",
         ));
         asks.push(ask(verb, "services", Some(TENANT), "relay Services"));
+        asks.push(ask(
+            verb,
+            "serviceaccounts",
+            Some(TENANT),
+            "the relay's ServiceAccount",
+        ));
+        asks.push(ask(
+            verb,
+            "roles.rbac.authorization.k8s.io",
+            Some(TENANT),
+            "the relay's read-only Role",
+        ));
+        asks.push(ask(
+            verb,
+            "rolebindings.rbac.authorization.k8s.io",
+            Some(TENANT),
+            "binding the relay's Role",
+        ));
     }
     for verb in ["create", "patch"] {
         asks.push(ask(
@@ -346,15 +364,21 @@ fn what_the_operator_must_not_do(release_ns: &str, lease: &str) -> Vec<Ask> {
             "no RBAC writes",
         ),
         ask(
-            "create",
-            "rolebindings.rbac.authorization.k8s.io",
+            "escalate",
+            "roles.rbac.authorization.k8s.io",
+            Some(release_ns),
+            "no escalation",
+        ),
+        ask(
+            "bind",
+            "roles.rbac.authorization.k8s.io",
             Some(TENANT),
-            "no RBAC writes",
+            "no binding of roles it does not hold",
         ),
         ask(
             "escalate",
             "roles.rbac.authorization.k8s.io",
-            Some(release_ns),
+            Some(TENANT),
             "no escalation",
         ),
         ask("impersonate", "users", None, "no impersonation"),

@@ -67,6 +67,110 @@ impl ConditionType {
     }
 }
 
+/// Why a condition is what it is: the `reason` of conditions this operator
+/// writes. On the wire it is the CamelCase word (stable enough to alert on);
+/// in code it is this type, so a reason is never matched by its text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    // Ready
+    Ready,
+    KeysNotReady,
+    DkimNotVerified,
+    DomainConflict,
+    RelayNotAccepted,
+    ReconcileFailed,
+    // KeysReady
+    KeysStored,
+    Generating,
+    SecretNotOwned,
+    ActiveKeyMissing,
+    ActiveKeyTampered,
+    KeyGenerationFailed,
+    // record verdicts (DKIMVerified, SPFVerified, DMARCVerified)
+    Verified,
+    RotationPending,
+    RecordMissing,
+    RecordMismatch,
+    DnsError,
+    NotChecked,
+    NoKey,
+    NoRelay,
+    Removable,
+    // DomainConflict
+    DomainClaimed,
+    NoConflict,
+    // RelayAccepted
+    Accepted,
+    RelayNotFound,
+    NamespaceNotAllowed,
+    NotVerifiedYet,
+    Deleting,
+    KeySecretProblem,
+    CredentialsMissing,
+    CredentialsSecretNotOwned,
+    CredentialsTampered,
+    EntryInvalid,
+    ConfigFull,
+    // MailRelay
+    Rendered,
+    UpstreamSecretInvalid,
+    DomainsLeftOut,
+    Available,
+    NoReadyPods,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::KeysNotReady => "KeysNotReady",
+            Self::DkimNotVerified => "DKIMNotVerified",
+            Self::DomainConflict => "DomainConflict",
+            Self::RelayNotAccepted => "RelayNotAccepted",
+            Self::ReconcileFailed => "ReconcileFailed",
+            Self::KeysStored => "KeysStored",
+            Self::Generating => "Generating",
+            Self::SecretNotOwned => "SecretNotOwned",
+            Self::ActiveKeyMissing => "ActiveKeyMissing",
+            Self::ActiveKeyTampered => "ActiveKeyTampered",
+            Self::KeyGenerationFailed => "KeyGenerationFailed",
+            Self::Verified => "Verified",
+            Self::RotationPending => "RotationPending",
+            Self::RecordMissing => "RecordMissing",
+            Self::RecordMismatch => "RecordMismatch",
+            Self::DnsError => "DNSError",
+            Self::NotChecked => "NotChecked",
+            Self::NoKey => "NoKey",
+            Self::NoRelay => "NoRelay",
+            Self::Removable => "Removable",
+            Self::DomainClaimed => "DomainClaimed",
+            Self::NoConflict => "NoConflict",
+            Self::Accepted => "Accepted",
+            Self::RelayNotFound => "RelayNotFound",
+            Self::NamespaceNotAllowed => "NamespaceNotAllowed",
+            Self::NotVerifiedYet => "NotVerifiedYet",
+            Self::Deleting => "Deleting",
+            Self::KeySecretProblem => "KeySecretProblem",
+            Self::CredentialsMissing => "CredentialsMissing",
+            Self::CredentialsSecretNotOwned => "CredentialsSecretNotOwned",
+            Self::CredentialsTampered => "CredentialsTampered",
+            Self::EntryInvalid => "EntryInvalid",
+            Self::ConfigFull => "ConfigFull",
+            Self::Rendered => "Rendered",
+            Self::UpstreamSecretInvalid => "UpstreamSecretInvalid",
+            Self::DomainsLeftOut => "DomainsLeftOut",
+            Self::Available => "Available",
+            Self::NoReadyPods => "NoReadyPods",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The status of a condition.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum ConditionStatus {
@@ -82,6 +186,43 @@ impl From<bool> for ConditionStatus {
 }
 
 impl Condition {
+    /// A condition computed now from the object at `generation`.
+    pub fn new(
+        type_: ConditionType,
+        status: ConditionStatus,
+        reason: Reason,
+        message: String,
+        generation: Option<i64>,
+        now: Time,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.as_str().to_string(),
+            message,
+            observed_generation: generation,
+            last_transition_time: now,
+        }
+    }
+
+    /// Whether this condition's reason is `reason`.
+    pub fn has_reason(&self, reason: Reason) -> bool {
+        self.reason == reason.as_str()
+    }
+
+    /// The condition of this type, if it is present, True, and was
+    /// computed for `generation`: the only kind of verdict any decision may
+    /// trust. A condition from an older generation describes a spec that no
+    /// longer exists.
+    pub fn true_at(
+        conditions: &[Condition],
+        type_: ConditionType,
+        generation: Option<i64>,
+    ) -> Option<&Condition> {
+        Self::find(conditions, type_)
+            .filter(|c| c.status == ConditionStatus::True && c.observed_generation == generation)
+    }
+
     /// Sets or replaces the condition of the same type in `conditions`,
     /// keeping `lastTransitionTime` when the status did not change, so that
     /// recomputing the same verdict yields an identical list (no status churn).

@@ -74,8 +74,11 @@ macro_rules! cel_hours {
 pub struct MailDomainSpec {
     /// The mail domain, as it appears after the @ in addresses: a lowercase
     /// fully-qualified name such as `acme.example`, without a trailing dot.
+    /// Immutable: keys, verified records and the domain's claim belong to
+    /// this domain, so another domain needs a new MailDomain.
     #[schemars(length(max = 253))]
     #[x_kube(validation = kube::core::Rule::new(concat!("self.matches('", domain_pattern!(), "')")).message("must be a lowercase fully-qualified domain name such as acme.example: labels of 1-63 letters, digits or inner hyphens separated by dots, no trailing dot, no wildcard, no IP address"))]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("is immutable: the keys, verified records and claim of a MailDomain belong to its domain; create a new MailDomain for another domain"))]
     pub domain: String,
 
     /// The MailRelay that sends this domain's mail. Without it the operator
@@ -331,6 +334,13 @@ pub struct MailDomainStatus {
     /// The Secret, in this namespace, with the SMTP credentials for the relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+
+    /// A salted SHA-256 of the password the operator generated into
+    /// `credentialsSecret` (never the password). The relay accepts only this
+    /// credential: a password changed in the Secret is not used, and takes
+    /// the domain off the relay until the Secret is deleted and regenerated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_hash: Option<String>,
 }
 
 /// DKIM keys and rotation state.
@@ -437,7 +447,7 @@ pub struct DnsRecordStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub strings: Vec<String>,
     /// What the record is for (`DKIM`, `SPF`, `DMARC`, `ReturnPath`).
-    pub purpose: String,
+    pub purpose: RecordPurpose,
     /// `Verified`, `Missing`, `Mismatch` (see `found`), `Error` (see
     /// `error`), `Unchecked` (not looked up yet), or `Removable` (a retired
     /// key's record that may be deleted).
@@ -451,6 +461,33 @@ pub struct DnsRecordStatus {
     /// Since when the record has been in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
+}
+
+/// What a DNS record is for.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordPurpose {
+    /// A DKIM public key at `<selector>._domainkey.<domain>`.
+    #[serde(rename = "DKIM")]
+    Dkim,
+    /// The domain's SPF policy.
+    #[serde(rename = "SPF")]
+    Spf,
+    /// The domain's DMARC policy at `_dmarc.<domain>`.
+    #[serde(rename = "DMARC")]
+    Dmarc,
+    /// The SPF (and MX) of the custom MAIL FROM domain.
+    ReturnPath,
+}
+
+impl std::fmt::Display for RecordPurpose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Dkim => "DKIM",
+            Self::Spf => "SPF",
+            Self::Dmarc => "DMARC",
+            Self::ReturnPath => "ReturnPath",
+        })
+    }
 }
 
 /// Whether a DNS record is published as expected.

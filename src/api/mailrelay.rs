@@ -228,6 +228,35 @@ pub struct MailRelayStatus {
     /// MailDomains this relay signs and sends for.
     #[serde(default)]
     pub domains: i32,
+
+    /// How many MailDomains that name this relay it does not serve, for a
+    /// reason their own status does not already explain (not admitted, a
+    /// tampered Secret, no room left, ...). Domains still waiting for DNS
+    /// verification are not counted.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub domains_left_out: i32,
+
+    /// The first of those MailDomains, by name, and why each is left out.
+    /// Each one's `RelayAccepted` condition says the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub left_out: Vec<LeftOutDomain>,
+}
+
+fn is_zero(value: &i32) -> bool {
+    *value == 0
+}
+
+/// A MailDomain a relay does not serve.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeftOutDomain {
+    /// `namespace/name` of the MailDomain.
+    pub mail_domain: String,
+    /// Its domain.
+    pub domain: String,
+    /// The reason, as in its `RelayAccepted` condition.
+    pub reason: String,
 }
 
 fn default_replicas() -> i32 {

@@ -10,7 +10,7 @@ mod duration;
 mod maildomain;
 mod mailrelay;
 
-pub use condition::{Condition, ConditionStatus, ConditionType};
+pub use condition::{Condition, ConditionStatus, ConditionType, Reason};
 pub use duration::{Duration, DurationError};
 pub use maildomain::*;
 pub use mailrelay::*;

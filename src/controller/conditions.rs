@@ -1,11 +1,17 @@
 //! The conditions of a MailDomain, derived from plain facts (pure). Every
 //! condition that is not True says in its message what the tenant should do.
+//!
+//! One rule lives elsewhere on purpose: a DNS error never demotes a record
+//! that was verified. That is decided per record, in
+//! [`crate::dns::record_statuses`] (the record stays `Verified` with the
+//! error noted), so a record that was never seen can never inherit a
+//! verdict from another one.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{
-    Condition, ConditionStatus, ConditionType, DkimKeyStatus, DnsRecordStatus, KeyState,
-    RecordState,
+    Condition, ConditionStatus, ConditionType, DkimKeyStatus, DnsRecordStatus, KeyState, Reason,
+    RecordPurpose, RecordState,
 };
 
 /// Something wrong with the key Secret that keeps keys from being ready.
@@ -15,6 +21,12 @@ pub enum KeysProblem {
     SecretNotOwned { secret: String },
     /// The private key of an Active selector is gone from the Secret.
     ActiveKeyMissing {
+        secret: String,
+        selectors: Vec<String>,
+    },
+    /// The private key of an Active selector is in the Secret but is not the
+    /// key whose public half was verified in DNS (edited or replaced).
+    ActiveKeyTampered {
         secret: String,
         selectors: Vec<String>,
     },
@@ -31,7 +43,7 @@ pub enum RelayFacts {
         relay: String,
     },
     Refused {
-        reason: &'static str,
+        reason: Reason,
         message: String,
     },
 }
@@ -39,6 +51,7 @@ pub enum RelayFacts {
 /// What the conditions are computed from.
 pub struct DomainFacts<'a> {
     pub generation: Option<i64>,
+    pub domain: &'a str,
     pub keys: &'a [DkimKeyStatus],
     pub keys_problem: Option<KeysProblem>,
     pub records: &'a [DnsRecordStatus],
@@ -49,28 +62,32 @@ pub struct DomainFacts<'a> {
     pub now: Time,
 }
 
+type Verdict = (ConditionStatus, Reason, String);
+
 /// The full condition list, reusing `previous` transition times where the
 /// status did not change.
 pub fn conditions(facts: &DomainFacts<'_>, previous: &[Condition]) -> Vec<Condition> {
     let mut list = previous.to_vec();
-    let make = |type_, status, reason: &str, message: String| Condition {
-        type_,
-        status,
-        reason: reason.to_string(),
-        message,
-        observed_generation: facts.generation,
-        last_transition_time: facts.now.clone(),
+    let make = |type_, (status, reason, message): Verdict| {
+        Condition::new(
+            type_,
+            status,
+            reason,
+            message,
+            facts.generation,
+            facts.now.clone(),
+        )
     };
 
     let keys = keys_ready(facts);
-    let dkim = dkim_verified(facts, previous);
-    let spf = record_condition(facts, previous, "SPF", ConditionType::SpfVerified);
-    let dmarc = record_condition(facts, previous, "DMARC", ConditionType::DmarcVerified);
+    let dkim = dkim_verified(facts);
+    let spf = record_condition(facts, RecordPurpose::Spf);
+    let dmarc = record_condition(facts, RecordPurpose::Dmarc);
     let relay = match &facts.relay {
         RelayFacts::NotRequested => None,
         RelayFacts::Accepted { relay } => Some((
             ConditionStatus::True,
-            "Accepted",
+            Reason::Accepted,
             format!("MailRelay {relay} serves this domain"),
         )),
         RelayFacts::Refused { reason, message } => {
@@ -80,44 +97,52 @@ pub fn conditions(facts: &DomainFacts<'_>, previous: &[Condition]) -> Vec<Condit
     let conflict = match &facts.conflict_with {
         Some(owner) => (
             ConditionStatus::True,
-            "DomainClaimed",
+            Reason::DomainClaimed,
             format!(
                 "MailDomain {owner} verified {} first and owns it; this one is never given to a relay. Delete one of the two",
-                domain_of(facts)
+                facts.domain
             ),
         ),
         None => (
             ConditionStatus::False,
-            "NoConflict",
+            Reason::NoConflict,
             "no other MailDomain claims this domain".to_string(),
         ),
     };
 
-    let relay_ok = relay
-        .as_ref()
-        .is_none_or(|(status, ..)| *status == ConditionStatus::True);
     let ready = if keys.0 != ConditionStatus::True {
         (
             ConditionStatus::False,
-            "KeysNotReady",
+            Reason::KeysNotReady,
             format!("keys are not ready: {}", keys.2),
         )
     } else if dkim.0 != ConditionStatus::True {
-        (ConditionStatus::False, "DKIMNotVerified", dkim.2.clone())
+        (
+            ConditionStatus::False,
+            Reason::DkimNotVerified,
+            dkim.2.clone(),
+        )
     } else if facts.conflict_with.is_some() {
-        (ConditionStatus::False, "DomainConflict", conflict.2.clone())
-    } else if !relay_ok {
-        let message = relay.as_ref().map(|r| r.2.clone()).unwrap_or_default();
-        (ConditionStatus::False, "RelayNotAccepted", message)
+        (
+            ConditionStatus::False,
+            Reason::DomainConflict,
+            conflict.2.clone(),
+        )
+    } else if let Some((ConditionStatus::False | ConditionStatus::Unknown, _, message)) = &relay {
+        (
+            ConditionStatus::False,
+            Reason::RelayNotAccepted,
+            message.clone(),
+        )
     } else {
         (
             ConditionStatus::True,
-            "Ready",
+            Reason::Ready,
             "the active DKIM key is published and verified; mail can be signed".to_string(),
         )
     };
 
-    for (type_, (status, reason, message)) in [
+    for (type_, verdict) in [
         (ConditionType::KeysReady, keys),
         (ConditionType::DkimVerified, dkim),
         (ConditionType::SpfVerified, spf),
@@ -125,50 +150,46 @@ pub fn conditions(facts: &DomainFacts<'_>, previous: &[Condition]) -> Vec<Condit
         (ConditionType::DomainConflict, conflict),
         (ConditionType::Ready, ready),
     ] {
-        Condition::upsert(&mut list, make(type_, status, reason, message));
+        Condition::upsert(&mut list, make(type_, verdict));
     }
     match relay {
-        Some((status, reason, message)) => Condition::upsert(
-            &mut list,
-            make(ConditionType::RelayAccepted, status, reason, message),
-        ),
+        Some(verdict) => Condition::upsert(&mut list, make(ConditionType::RelayAccepted, verdict)),
         None => list.retain(|c| c.type_ != ConditionType::RelayAccepted),
     }
     list
-}
-
-type Verdict = (ConditionStatus, &'static str, String);
-
-fn domain_of(facts: &DomainFacts<'_>) -> String {
-    facts
-        .records
-        .iter()
-        .find(|r| r.purpose == "DMARC")
-        .map(|r| r.name.trim_start_matches("_dmarc.").to_string())
-        .unwrap_or_else(|| "this domain".into())
 }
 
 fn keys_ready(facts: &DomainFacts<'_>) -> Verdict {
     match &facts.keys_problem {
         Some(KeysProblem::SecretNotOwned { secret }) => (
             ConditionStatus::False,
-            "SecretNotOwned",
+            Reason::SecretNotOwned,
             format!(
                 "Secret {secret} exists and is not managed by this MailDomain; it is never overwritten. Delete or rename it"
             ),
         ),
         Some(KeysProblem::ActiveKeyMissing { secret, selectors }) => (
             ConditionStatus::False,
-            "ActiveKeyMissing",
+            Reason::ActiveKeyMissing,
             format!(
                 "the private key of active selector {} is missing from Secret {secret}: restore it from a backup; \
                  to replace the key instead, set annotation mailauth.dev/rotate-requested to a new value and publish the new record",
                 selectors.join(", ")
             ),
         ),
+        Some(KeysProblem::ActiveKeyTampered { secret, selectors }) => (
+            ConditionStatus::False,
+            Reason::ActiveKeyTampered,
+            format!(
+                "the private key of active selector {} in Secret {secret} is not the key published in DNS (the Secret was edited): \
+                 the domain is not signed with it. Restore the Secret from a backup, or set annotation mailauth.dev/rotate-requested \
+                 to a new value and publish the new record",
+                selectors.join(", ")
+            ),
+        ),
         Some(KeysProblem::GenerationFailed { message }) => (
             ConditionStatus::False,
-            "KeyGenerationFailed",
+            Reason::KeyGenerationFailed,
             format!("generating keys failed: {message}"),
         ),
         None if facts
@@ -184,24 +205,25 @@ fn keys_ready(facts: &DomainFacts<'_>) -> Verdict {
                 .collect();
             (
                 ConditionStatus::True,
-                "KeysStored",
+                Reason::KeysStored,
                 format!("private keys stored for {}", selectors.join(", ")),
             )
         }
         None => (
             ConditionStatus::False,
-            "Generating",
+            Reason::Generating,
             "generating DKIM keys".to_string(),
         ),
     }
 }
 
+/// The DKIM record of `selector` for this domain, matched by its exact name.
 fn dkim_record<'a>(facts: &'a DomainFacts<'_>, selector: &str) -> Option<&'a DnsRecordStatus> {
-    let prefix = format!("{selector}._domainkey.");
+    let name = crate::dns::records::dkim_record_name(selector, facts.domain);
     facts
         .records
         .iter()
-        .find(|r| r.purpose == "DKIM" && r.name.starts_with(&prefix))
+        .find(|r| r.purpose == RecordPurpose::Dkim && r.name == name)
 }
 
 fn publish_instruction(record: &DnsRecordStatus) -> String {
@@ -233,40 +255,28 @@ fn what_dns_says(record: &DnsRecordStatus) -> String {
     }
 }
 
-fn reason_for(state: RecordState) -> &'static str {
+/// The note a verified record carries when its last check failed.
+fn kept_note(record: &DnsRecordStatus) -> String {
+    match (&record.state, &record.error) {
+        (RecordState::Verified, Some(error)) => {
+            format!("; the last check failed ({error}), keeping the verdict")
+        }
+        _ => String::new(),
+    }
+}
+
+fn reason_for(state: RecordState) -> Reason {
     match state {
-        RecordState::Verified => "Verified",
-        RecordState::Missing => "RecordMissing",
-        RecordState::Mismatch => "RecordMismatch",
-        RecordState::Error => "DNSError",
-        RecordState::Unchecked => "NotChecked",
-        RecordState::Removable => "Removable",
+        RecordState::Verified => Reason::Verified,
+        RecordState::Missing => Reason::RecordMissing,
+        RecordState::Mismatch => Reason::RecordMismatch,
+        RecordState::Error => Reason::DnsError,
+        RecordState::Unchecked => Reason::NotChecked,
+        RecordState::Removable => Reason::Removable,
     }
 }
 
-/// A DNS error keeps a True verdict (never demote on a failed lookup);
-/// otherwise an error is Unknown, never "missing".
-fn keep_on_error(previous: &[Condition], type_: ConditionType, message: String) -> Verdict {
-    if let Some(prev) =
-        Condition::find(previous, type_).filter(|c| c.status == ConditionStatus::True)
-    {
-        (
-            ConditionStatus::True,
-            "Verified",
-            format!(
-                "{}; the last check failed ({message}), keeping the previous verdict",
-                prev.message
-                    .split("; the last check failed")
-                    .next()
-                    .unwrap_or_default()
-            ),
-        )
-    } else {
-        (ConditionStatus::Unknown, "DNSError", message)
-    }
-}
-
-fn dkim_verified(facts: &DomainFacts<'_>, previous: &[Condition]) -> Verdict {
+fn dkim_verified(facts: &DomainFacts<'_>) -> Verdict {
     let active: Vec<&DkimKeyStatus> = facts
         .keys
         .iter()
@@ -288,9 +298,11 @@ fn dkim_verified(facts: &DomainFacts<'_>, previous: &[Condition]) -> Verdict {
             .first()
             .and_then(|k| dkim_record(facts, &k.selector))
         {
-            Some(record) if record.state == RecordState::Error => {
-                (ConditionStatus::Unknown, "DNSError", what_dns_says(record))
-            }
+            Some(record) if record.state == RecordState::Error => (
+                ConditionStatus::Unknown,
+                Reason::DnsError,
+                what_dns_says(record),
+            ),
             Some(record) => (
                 ConditionStatus::False,
                 reason_for(record.state),
@@ -306,7 +318,7 @@ fn dkim_verified(facts: &DomainFacts<'_>, previous: &[Condition]) -> Verdict {
             ),
             None => (
                 ConditionStatus::False,
-                "NoKey",
+                Reason::NoKey,
                 "no DKIM key exists yet".to_string(),
             ),
         };
@@ -327,28 +339,36 @@ fn dkim_verified(facts: &DomainFacts<'_>, previous: &[Condition]) -> Verdict {
         );
     }
     if let Some(err) = records.iter().find(|r| r.state == RecordState::Error) {
-        return keep_on_error(previous, ConditionType::DkimVerified, what_dns_says(err));
+        return (
+            ConditionStatus::Unknown,
+            Reason::DnsError,
+            what_dns_says(err),
+        );
     }
     if records.len() < active.len() || records.iter().any(|r| r.state != RecordState::Verified) {
         return (
             ConditionStatus::Unknown,
-            "NotChecked",
+            Reason::NotChecked,
             "the active selector's record is not checked yet".into(),
         );
     }
     let selectors: Vec<&str> = active.iter().map(|k| k.selector.as_str()).collect();
+    let note: String = records.iter().map(|r| kept_note(r)).collect();
     if pending_instructions.is_empty() {
         (
             ConditionStatus::True,
-            "Verified",
-            format!("active selector {} is published", selectors.join(", ")),
+            Reason::Verified,
+            format!(
+                "active selector {} is published{note}",
+                selectors.join(", ")
+            ),
         )
     } else {
         (
             ConditionStatus::True,
-            "RotationPending",
+            Reason::RotationPending,
             format!(
-                "active selector {} is published and keeps signing; to complete the rotation {}",
+                "active selector {} is published and keeps signing{note}; to complete the rotation {}",
                 selectors.join(", "),
                 pending_instructions.join("; ")
             ),
@@ -356,16 +376,11 @@ fn dkim_verified(facts: &DomainFacts<'_>, previous: &[Condition]) -> Verdict {
     }
 }
 
-fn record_condition(
-    facts: &DomainFacts<'_>,
-    previous: &[Condition],
-    purpose: &str,
-    type_: ConditionType,
-) -> Verdict {
+fn record_condition(facts: &DomainFacts<'_>, purpose: RecordPurpose) -> Verdict {
     let Some(record) = facts.records.iter().find(|r| r.purpose == purpose) else {
         return (
             ConditionStatus::Unknown,
-            "NoRelay",
+            Reason::NoRelay,
             format!(
                 "{purpose} is checked once relayRef names a MailRelay that is accepted: it says what SPF must authorize"
             ),
@@ -374,13 +389,17 @@ fn record_condition(
     match record.state {
         RecordState::Verified => (
             ConditionStatus::True,
-            "Verified",
-            format!("{} is published", record.name),
+            Reason::Verified,
+            format!("{} is published{}", record.name, kept_note(record)),
         ),
-        RecordState::Error => keep_on_error(previous, type_, what_dns_says(record)),
+        RecordState::Error => (
+            ConditionStatus::Unknown,
+            Reason::DnsError,
+            what_dns_says(record),
+        ),
         RecordState::Unchecked => (
             ConditionStatus::Unknown,
-            "NotChecked",
+            Reason::NotChecked,
             what_dns_says(record),
         ),
         state => (
@@ -415,13 +434,13 @@ mod tests {
         }
     }
 
-    fn record(name: &str, purpose: &str, state: RecordState) -> DnsRecordStatus {
+    fn record(name: &str, purpose: RecordPurpose, state: RecordState) -> DnsRecordStatus {
         DnsRecordStatus {
             name: name.into(),
             type_: "TXT".into(),
             value: "v=DKIM1; k=rsa; p=AAAA".into(),
             strings: vec![],
-            purpose: purpose.into(),
+            purpose,
             state,
             found: None,
             error: (state == RecordState::Error).then(|| "timed out".to_string()),
@@ -432,6 +451,7 @@ mod tests {
     fn facts<'a>(keys: &'a [DkimKeyStatus], records: &'a [DnsRecordStatus]) -> DomainFacts<'a> {
         DomainFacts {
             generation: Some(3),
+            domain: "acme.example",
             keys,
             keys_problem: None,
             records,
@@ -450,7 +470,7 @@ mod tests {
         let keys = [key("ma20261126a", KeyState::Pending)];
         let records = [record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Missing,
         )];
         let list = conditions(&facts(&keys, &records), &[]);
@@ -479,7 +499,7 @@ mod tests {
         let keys = [key("ma20261126a", KeyState::Active)];
         let records = [record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Verified,
         )];
         let list = conditions(&facts(&keys, &records), &[]);
@@ -491,33 +511,72 @@ mod tests {
     }
 
     #[test]
-    fn dns_error_never_demotes_a_verified_key() {
+    fn a_record_kept_verified_on_a_dns_error_keeps_the_domain_ready() {
         let keys = [key("ma20261126a", KeyState::Active)];
-        let ok = [record(
+        let mut kept = record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Verified,
-        )];
-        let before = conditions(&facts(&keys, &ok), &[]);
+        );
+        kept.error = Some("timed out".into());
+        let list = conditions(&facts(&keys, std::slice::from_ref(&kept)), &[]);
+        let dkim = get(&list, ConditionType::DkimVerified);
+        assert_eq!(dkim.status, ConditionStatus::True);
+        assert!(
+            dkim.message.contains("the last check failed (timed out)"),
+            "{}",
+            dkim.message
+        );
+        assert_eq!(
+            get(&list, ConditionType::Ready).status,
+            ConditionStatus::True
+        );
+    }
+
+    #[test]
+    fn an_error_on_a_record_never_verified_is_unknown_whatever_the_condition_said() {
+        let keys = [key("ma20261126a", KeyState::Active)];
         let failing = [record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Error,
         )];
-        let after = conditions(&facts(&keys, &failing), &before);
+        // A previous True condition (for another record, or another
+        // generation) is never inherited.
+        let verified_before = conditions(
+            &facts(
+                &keys,
+                &[record(
+                    "ma20261126a._domainkey.acme.example",
+                    RecordPurpose::Dkim,
+                    RecordState::Verified,
+                )],
+            ),
+            &[],
+        );
+        let after = conditions(&facts(&keys, &failing), &verified_before);
         assert_eq!(
             get(&after, ConditionType::DkimVerified).status,
-            ConditionStatus::True
+            ConditionStatus::Unknown
         );
         assert_eq!(
             get(&after, ConditionType::Ready).status,
-            ConditionStatus::True
+            ConditionStatus::False
         );
-        // Without a previous verdict an error is Unknown, never Missing.
-        let fresh = conditions(&facts(&keys, &failing), &[]);
-        assert_eq!(
-            get(&fresh, ConditionType::DkimVerified).status,
-            ConditionStatus::Unknown
+    }
+
+    #[test]
+    fn a_record_of_another_domain_does_not_verify_this_one() {
+        let keys = [key("ma20261126a", KeyState::Active)];
+        let elsewhere = [record(
+            "ma20261126a._domainkey.other.example",
+            RecordPurpose::Dkim,
+            RecordState::Verified,
+        )];
+        let list = conditions(&facts(&keys, &elsewhere), &[]);
+        assert_ne!(
+            get(&list, ConditionType::DkimVerified).status,
+            ConditionStatus::True
         );
     }
 
@@ -526,7 +585,7 @@ mod tests {
         let keys = [key("ma20261126a", KeyState::Active)];
         let records = [record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Verified,
         )];
         let first = conditions(&facts(&keys, &records), &[]);
@@ -540,7 +599,7 @@ mod tests {
         let keys = [key("ma20261126a", KeyState::Active)];
         let records = [record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Verified,
         )];
         let mut f = facts(&keys, &records);
@@ -549,10 +608,7 @@ mod tests {
             selectors: vec!["ma20261126a".into()],
         });
         let list = conditions(&f, &[]);
-        assert_eq!(
-            get(&list, ConditionType::KeysReady).reason,
-            "ActiveKeyMissing"
-        );
+        assert!(get(&list, ConditionType::KeysReady).has_reason(Reason::ActiveKeyMissing));
         assert_eq!(
             get(&list, ConditionType::Ready).status,
             ConditionStatus::False
@@ -565,7 +621,7 @@ mod tests {
             get(&list, ConditionType::DomainConflict).status,
             ConditionStatus::True
         );
-        assert_eq!(get(&list, ConditionType::Ready).reason, "DomainConflict");
+        assert!(get(&list, ConditionType::Ready).has_reason(Reason::DomainConflict));
     }
 
     #[test]
@@ -573,12 +629,12 @@ mod tests {
         let keys = [key("ma20261126a", KeyState::Active)];
         let records = [record(
             "ma20261126a._domainkey.acme.example",
-            "DKIM",
+            RecordPurpose::Dkim,
             RecordState::Verified,
         )];
         let mut f = facts(&keys, &records);
         f.relay = RelayFacts::Refused {
-            reason: "NamespaceNotAllowed",
+            reason: Reason::NamespaceNotAllowed,
             message: "MailRelay mail/shared does not admit namespace t1".into(),
         };
         let list = conditions(&f, &[]);

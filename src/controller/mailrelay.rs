@@ -1,77 +1,58 @@
-//! The MailRelay controller: renders each relay's Deployment, Service and
-//! config Secret from the MailDomains it serves. A domain reaches a relay
-//! only when its MailDomain is Ready (keys, verified active selector, relay
-//! admission) and not in conflict; the relay reloads the mounted config when
-//! it changes, so rotations never restart it.
+//! The MailRelay controller: renders each relay's Deployment, Service,
+//! ServiceAccount, Role and settings Secret, and reports in its status what
+//! it serves. Which domains it serves, and their shards, are decided and
+//! written by the relay projection ([`super::projection`]); this controller
+//! only reads its summary.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::channel::mpsc::UnboundedReceiver;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 
-use super::relay_objects::{
-    self, CONFIG_BUDGET, UpstreamSecrets, config_files, config_secret, relay_settings,
-};
-use super::secrets::{self, MANAGED_BY, MANAGED_BY_LABEL};
+use super::index::Index;
+use super::projection::RelaySummary;
+use super::relay_objects::{self, UpstreamSecrets, relay_settings};
+use super::secrets::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::status::write_if_changed;
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{
-    Condition, ConditionStatus, ConditionType, KeyState, MailDomain, MailRelay, MailRelayStatus,
+    Condition, ConditionStatus, ConditionType, LeftOutDomain, MailRelay, MailRelayStatus, Reason,
 };
-use crate::relay::auth::hash_password;
-use crate::relay::config::{DomainEntry, SigningKeyEntry, TenantEntry, UpstreamAuth};
+use crate::relay::config::UpstreamAuth;
 
-/// Per-relay render locks (see [`Context::relay_renders`]).
-#[derive(Default)]
-pub struct RenderLocks(
-    std::sync::Mutex<std::collections::HashMap<ObjectRef<MailRelay>, Arc<tokio::sync::Mutex<()>>>>,
-);
+/// How many left-out MailDomains a MailRelay's status names.
+const LEFT_OUT_SHOWN: usize = 50;
 
-impl RenderLocks {
-    fn for_relay(&self, relay: &MailRelay) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(ObjectRef::from_obj(relay)).or_default().clone()
-    }
-}
-
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+/// Runs the controller until `shutdown` resolves: driven by the index's
+/// MailRelays, the Deployments it owns, and the projection's news.
+pub async fn run(
+    ctx: Arc<Context>,
+    index: Index,
+    relays: UnboundedReceiver<Result<MailRelay, watcher::Error>>,
+    summaries_changed: UnboundedReceiver<ObjectRef<MailRelay>>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let (relays, deployments, secrets, domains) = match &ctx.settings.namespace {
-        Some(ns) => (
-            Api::<MailRelay>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<Secret>::namespaced(client.clone(), ns),
-            Api::<MailDomain>::namespaced(client, ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client),
-        ),
+    let deployments = match &ctx.settings.namespace {
+        Some(ns) => Api::<Deployment>::namespaced(client, ns),
+        None => Api::all(client),
     };
-    Controller::new(relays, watcher::Config::default())
-        // Many MailDomain events arrive together (a rotation wave, an
-        // onboarding): render once for the lot.
+    Controller::for_stream(relays, index.relays.clone())
         .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
-        .owns(deployments, managed.clone())
-        .owns(secrets, managed)
-        .watches(domains, watcher::Config::default(), |md| {
-            let relay = md.spec.relay_ref.as_ref()?;
-            let namespace = relay.namespace.clone().or_else(|| md.namespace())?;
-            Some(ObjectRef::<MailRelay>::new(&relay.name).within(&namespace))
-        })
+        .owns(deployments, managed)
+        .reconcile_on(summaries_changed)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -93,7 +74,8 @@ fn error_policy(relay: Arc<MailRelay>, error: &Error, ctx: Arc<Context>) -> Acti
 
 async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
-    let rendered = sync(&relay, &ctx, None).await?;
+    let (secrets, problems) = upstream_secrets(&relay, &namespace, &ctx).await?;
+    render(&relay, &namespace, secrets, &ctx).await?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let ready_replicas = deployments
         .get_opt(&relay_objects::relay_object_name(&relay))
@@ -101,34 +83,34 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
         .and_then(|d| d.status)
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
+    let summary = ctx.projection().summary(&ObjectRef::from_obj(&*relay));
 
     let previous = relay.status.clone().unwrap_or_default();
     let now = Time(ctx.clock.now());
     let generation = relay.meta().generation;
     let mut conditions = previous.conditions.clone();
-    let condition = |type_, status, reason: &str, message: String| Condition {
-        type_,
-        status,
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: now.clone(),
-    };
-    let (status, reason, message) = configured(&rendered);
+    let (status, reason, message) = configured(&summary, &problems);
     Condition::upsert(
         &mut conditions,
-        condition(ConditionType::Configured, status, reason, message),
+        Condition::new(
+            ConditionType::Configured,
+            status,
+            reason,
+            message,
+            generation,
+            now.clone(),
+        ),
     );
     let (status, reason, message) = if ready_replicas > 0 {
         (
             ConditionStatus::True,
-            "Available",
+            Reason::Available,
             format!("{ready_replicas} relay pod(s) ready"),
         )
     } else {
         (
             ConditionStatus::False,
-            "NoReadyPods",
+            Reason::NoReadyPods,
             format!(
                 "no relay pod is ready yet: check `kubectl -n {namespace} get pods -l app.kubernetes.io/instance={}`",
                 relay.name_any()
@@ -137,13 +119,31 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
     };
     Condition::upsert(
         &mut conditions,
-        condition(ConditionType::Ready, status, reason, message),
+        Condition::new(
+            ConditionType::Ready,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        ),
     );
     let desired = MailRelayStatus {
         observed_generation: generation,
         conditions,
         ready_replicas,
-        domains: i32::try_from(rendered.served).unwrap_or(i32::MAX),
+        domains: i32::try_from(summary.served).unwrap_or(i32::MAX),
+        domains_left_out: i32::try_from(summary.left_out.len()).unwrap_or(i32::MAX),
+        left_out: summary
+            .left_out
+            .iter()
+            .take(LEFT_OUT_SHOWN)
+            .map(|(mail_domain, domain, why)| LeftOutDomain {
+                mail_domain: mail_domain.clone(),
+                domain: domain.clone(),
+                reason: why.reason().as_str().to_string(),
+            })
+            .collect(),
     };
     let api: Api<MailRelay> = Api::namespaced(ctx.client.clone(), &namespace);
     write_if_changed(
@@ -154,217 +154,108 @@ async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, E
         &ctx.metrics.status_writes,
     )
     .await?;
+    // The upstream Secrets are not watched (watching every Secret in the
+    // cluster is too much): they are read again at least this often.
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-/// The `Configured` condition for what a render did.
-fn configured(rendered: &Rendered) -> (ConditionStatus, &'static str, String) {
-    let Rendered {
-        served,
-        problems,
-        left_out,
-    } = rendered;
-    if !left_out.is_empty() {
-        let mut names = left_out
-            .iter()
-            .take(5)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if left_out.len() > 5 {
-            names.push_str(", ...");
-        }
-        let mut message = format!(
-            "{} domain(s) do not fit in the relay's config (one Secret, at most 1 MiB) and are not served: {names}; move some MailDomains to another MailRelay",
-            left_out.len()
-        );
-        if !problems.is_empty() {
-            message.push_str(&format!("; also: {}", problems.join("; ")));
-        }
-        (ConditionStatus::False, "ConfigFull", message)
-    } else if !problems.is_empty() {
-        (
-            ConditionStatus::False,
-            "UpstreamSecretInvalid",
-            format!(
-                "rendered for {served} domain(s), but the relay cannot reach its upstream as intended: {}",
-                problems.join("; ")
-            ),
-        )
-    } else {
-        (
-            ConditionStatus::True,
-            "Rendered",
-            format!("Deployment, Service and config rendered for {served} domain(s)"),
-        )
-    }
-}
-
-/// What a render did.
-pub struct Rendered {
-    /// How many domains the relay serves.
-    pub served: usize,
-    /// Secrets the spec names that are missing or incomplete.
-    pub problems: Vec<String>,
-    /// Domains that did not fit in the relay's config, newest last.
-    pub left_out: Vec<String>,
-}
-
-/// Renders and applies everything for `relay` from the MailDomains it
-/// serves, leaving out `excluding` (a MailDomain being deleted: its domain
-/// leaves the relay before its finalizer lets go).
-pub async fn sync(
+/// Applies everything rendered for a relay except its domain shards.
+async fn render(
     relay: &MailRelay,
+    namespace: &str,
+    secrets: UpstreamSecrets,
     ctx: &Context,
-    excluding: Option<&ObjectRef<MailDomain>>,
-) -> Result<Rendered, Error> {
-    let namespace = relay.namespace().ok_or(Error::NotNamespaced)?;
-    let lock = ctx.relay_renders.for_relay(relay);
-    let _rendering = lock.lock().await;
-    let domains_api: Api<MailDomain> = match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let serving: Vec<MailDomain> = domains_api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|md| serves(relay, md) && excluding.is_none_or(|ex| *ex != ObjectRef::from_obj(md)))
-        .collect();
-
-    // Oldest first: when the config is full, the newest domains wait.
-    let mut serving = serving;
-    serving.sort_by_cached_key(|md| {
-        (
-            md.creation_timestamp().map(|t| t.0),
-            md.namespace(),
-            md.name_any(),
-        )
-    });
-    let mut entries = Vec::with_capacity(serving.len());
-    for md in &serving {
-        entries.extend(entries_for(relay, md, ctx).await?);
-    }
-    let (secrets, problems) = upstream_secrets(relay, &namespace, ctx).await?;
-    let settings = relay_settings(relay, secrets);
-    let (entries, left_out) = relay_objects::fit_budget(&settings, entries, CONFIG_BUDGET)?;
-    let served = entries.len();
-    tracing::info!(mailrelay = %relay.name_any(), domains = served, left_out = left_out.len(), excluding = ?excluding.map(|e| &e.name), "rendering relay config");
-    let (domains, tenants): (Vec<_>, Vec<_>) = entries.into_iter().unzip();
-    let files = config_files(&settings, tenants.into_iter().flatten().collect(), domains)?;
+) -> Result<(), Error> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = config_secret(relay, files);
-    secrets_api
+    let name = relay_objects::relay_object_name(relay);
+    let settings = relay_settings(relay, secrets);
+    let settings_secret = relay_objects::settings_secret(relay, &settings)?;
+    let existing = ctx
+        .index()
+        .secret(namespace, &relay_objects::config_secret_name(relay));
+    if existing
+        .is_none_or(|s| s.data != settings_secret.data || s.labels() != settings_secret.labels())
+    {
+        Api::<Secret>::namespaced(ctx.client.clone(), namespace)
+            .patch(
+                &relay_objects::config_secret_name(relay),
+                &apply,
+                &Patch::Apply(&settings_secret),
+            )
+            .await?;
+        ctx.metrics.secret_writes.inc();
+    }
+    Api::<ServiceAccount>::namespaced(ctx.client.clone(), namespace)
         .patch(
-            &relay_objects::config_secret_name(relay),
+            &name,
             &apply,
-            &Patch::Apply(&secret),
+            &Patch::Apply(&relay_objects::service_account(relay)),
+        )
+        .await?;
+    Api::<Role>::namespaced(ctx.client.clone(), namespace)
+        .patch(&name, &apply, &Patch::Apply(&relay_objects::role(relay)))
+        .await?;
+    Api::<RoleBinding>::namespaced(ctx.client.clone(), namespace)
+        .patch(
+            &name,
+            &apply,
+            &Patch::Apply(&relay_objects::role_binding(relay)),
         )
         .await?;
     let deployment = relay_objects::deployment(relay, &ctx.settings.relay_image);
-    Api::<Deployment>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &relay_objects::relay_object_name(relay),
-            &apply,
-            &Patch::Apply(&deployment),
-        )
+    Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
+        .patch(&name, &apply, &Patch::Apply(&deployment))
         .await?;
-    let service = relay_objects::service(relay);
-    Api::<Service>::namespaced(ctx.client.clone(), &namespace)
-        .patch(
-            &relay_objects::relay_object_name(relay),
-            &apply,
-            &Patch::Apply(&service),
-        )
+    Api::<Service>::namespaced(ctx.client.clone(), namespace)
+        .patch(&name, &apply, &Patch::Apply(&relay_objects::service(relay)))
         .await?;
-    Ok(Rendered {
-        served,
-        problems,
-        left_out,
-    })
+    Ok(())
 }
 
-/// Whether a MailDomain belongs on this relay: it references it, is Ready
-/// (which includes the relay admitting its namespace), is not in conflict
-/// and is not being deleted.
-fn serves(relay: &MailRelay, md: &MailDomain) -> bool {
-    let references = md.spec.relay_ref.as_ref().is_some_and(|r| {
-        r.name == relay.name_any()
-            && r.namespace.clone().or_else(|| md.namespace()) == relay.namespace()
-    });
-    let conditions = md
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    references
-        && md.meta().deletion_timestamp.is_none()
-        && Condition::is_true(conditions, ConditionType::Ready)
-        && !Condition::is_true(conditions, ConditionType::DomainConflict)
-}
-
-/// The domain and tenant entries of one MailDomain: its Active keys (read
-/// from its key Secret) and its credential's hash.
-async fn entries_for(
-    relay: &MailRelay,
-    md: &MailDomain,
-    ctx: &Context,
-) -> Result<Option<(DomainEntry, Option<TenantEntry>)>, Error> {
-    let namespace = md.namespace().ok_or(Error::NotNamespaced)?;
-    let Some(status) = &md.status else {
-        return Ok(None);
-    };
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(key_secret) = secrets_api.get_opt(&secrets::keys_secret_name(md)).await? else {
-        return Ok(None);
-    };
-    let signing_keys: Vec<SigningKeyEntry> = status
-        .dkim
-        .iter()
-        .flat_map(|d| d.keys.iter())
-        .filter(|k| k.state == KeyState::Active)
-        .filter_map(|k| {
-            secrets::stored_key(&key_secret, &k.selector).map(|pem| SigningKeyEntry {
-                selector: k.selector.clone(),
-                algorithm: k.algorithm,
-                private_key_pem: pem.expose_secret().to_string(),
-            })
-        })
-        .collect();
-    if signing_keys.is_empty() {
-        return Ok(None);
+/// The `Configured` condition: what keeps the relay from serving as
+/// intended, if anything.
+fn configured(summary: &RelaySummary, problems: &[String]) -> (ConditionStatus, Reason, String) {
+    if !problems.is_empty() {
+        return (
+            ConditionStatus::False,
+            Reason::UpstreamSecretInvalid,
+            format!(
+                "serving {} domain(s), but the relay cannot reach its upstream as intended: {}",
+                summary.served,
+                problems.join("; ")
+            ),
+        );
     }
-    let relay_default = relay.spec.limits.messages_per_minute;
-    let domain = DomainEntry {
-        domain: md.spec.domain.clone(),
-        messages_per_minute: md
-            .spec
-            .rate_limit
-            .as_ref()
-            .map_or(relay_default, |r| r.messages_per_minute.min(relay_default)),
-        signing_keys,
-        return_path: md
-            .spec
-            .return_path
-            .as_ref()
-            .map(|rp| format!("{rp}.{}", md.spec.domain)),
-    };
-    let tenant = match secrets_api
-        .get_opt(&secrets::credentials_secret_name(md))
-        .await?
-    {
-        Some(credentials) => {
-            secrets::credentials_of(&credentials).map(|(username, password)| TenantEntry {
-                password_hash: hash_password(&password, &secrets::credential_salt(&username)),
-                username,
-                domains: vec![md.spec.domain.clone()],
-            })
-        }
-        None => None,
-    };
-    Ok(Some((domain, tenant)))
+    if summary.left_out.is_empty() {
+        return (
+            ConditionStatus::True,
+            Reason::Rendered,
+            format!(
+                "Deployment, Service and config rendered for {} domain(s)",
+                summary.served
+            ),
+        );
+    }
+    let mut names = summary
+        .left_out
+        .iter()
+        .take(5)
+        .map(|(md, domain, why)| format!("{domain} ({md}: {why})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if summary.left_out.len() > 5 {
+        names.push_str(", ...");
+    }
+    (
+        ConditionStatus::False,
+        Reason::DomainsLeftOut,
+        format!(
+            "serving {} domain(s); {} MailDomain(s) that name this relay are not served: {names}. \
+             Each one's RelayAccepted condition says why and what to do",
+            summary.served,
+            summary.left_out.len()
+        ),
+    )
 }
 
 /// What the relay's settings take from the Secrets its spec names, and,
@@ -417,34 +308,46 @@ fn secret_text(secret: &Secret, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::membership::LeftOut;
 
-    fn rendered(problems: &[&str], left_out: usize) -> Rendered {
-        Rendered {
+    fn summary(left_out: usize) -> RelaySummary {
+        RelaySummary {
             served: 3,
-            problems: problems.iter().map(|p| p.to_string()).collect(),
-            left_out: (0..left_out).map(|i| format!("d{i}.test")).collect(),
+            left_out: (0..left_out)
+                .map(|i| {
+                    (
+                        format!("t/d{i}"),
+                        format!("d{i}.test"),
+                        LeftOut::CredentialsTampered,
+                    )
+                })
+                .collect(),
         }
     }
 
     #[test]
     fn configured_says_what_keeps_the_relay_from_serving_as_intended() {
-        let (status, reason, _) = configured(&rendered(&[], 0));
-        assert_eq!((status, reason), (ConditionStatus::True, "Rendered"));
+        let (status, reason, _) = configured(&summary(0), &[]);
+        assert_eq!((status, reason), (ConditionStatus::True, Reason::Rendered));
 
         let (status, reason, message) =
-            configured(&rendered(&["spec.upstream.caSecretName: x"], 0));
+            configured(&summary(0), &["spec.upstream.caSecretName: x".into()]);
         assert_eq!(
             (status, reason),
-            (ConditionStatus::False, "UpstreamSecretInvalid")
+            (ConditionStatus::False, Reason::UpstreamSecretInvalid)
         );
         assert!(message.contains("spec.upstream.caSecretName"), "{message}");
 
-        let (status, reason, message) =
-            configured(&rendered(&["spec.upstream.authSecretName: y"], 7));
-        assert_eq!((status, reason), (ConditionStatus::False, "ConfigFull"));
-        assert!(message.starts_with("7 domain(s)"), "{message}");
-        assert!(message.contains("d4.test, ..."), "{message}");
+        let (status, reason, message) = configured(&summary(7), &[]);
+        assert_eq!(
+            (status, reason),
+            (ConditionStatus::False, Reason::DomainsLeftOut)
+        );
+        assert!(message.contains("7 MailDomain(s)"), "{message}");
+        assert!(
+            message.contains("d4.test (t/d4: CredentialsTampered), ..."),
+            "{message}"
+        );
         assert!(!message.contains("d5.test"), "{message}");
-        assert!(message.contains("authSecretName"), "{message}");
     }
 }

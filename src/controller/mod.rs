@@ -1,32 +1,47 @@
 //! Controllers: shells that watch the cluster, call the pure core (`dkim`,
 //! `dns`, [`conditions`]) and write what it decides. One file per concern:
 //!
+//! - [`index`]: what the cluster looks like (shared reflector stores), apart
+//!   from the writers.
 //! - [`maildomain`]: keys, rotation, DNS verification and status of each
-//!   MailDomain.
-//! - [`secrets`]: the one place that builds the key Secret.
+//!   MailDomain (observe, decide, act).
+//! - [`membership`]: the one place that decides which MailDomains a relay
+//!   serves and what it serves for each (pure).
+//! - [`projection`]: keeps each relay's domain shards equal to that
+//!   decision, written in proportion to what changed.
+//! - [`mailrelay`]: each relay's Deployment, Service, RBAC, settings and
+//!   status.
+//! - [`secrets`]: the one place that builds and checks a MailDomain's Secrets.
 //! - [`status`]: the one status writer.
 //! - [`clock`]: time, injected so tests can move it.
 
 pub mod clock;
 pub mod conditions;
+pub mod index;
 pub mod leader;
 pub mod maildomain;
 pub mod mailrelay;
+pub mod membership;
+pub mod projection;
 pub mod relay_objects;
 pub mod secrets;
 pub mod status;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use futures::channel::mpsc::{UnboundedReceiver, unbounded};
+use futures::future::BoxFuture;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
+use crate::api::{MailDomain, MailRelay};
 use crate::dns::{DnsResolver, ResolverError, ResolverSettings};
 use crate::telemetry::ControllerMetrics;
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -157,6 +172,8 @@ pub enum Error {
     SecretNotOwned(String),
     #[error("the system random number generator failed")]
     Random,
+    #[error("the relay still serves this MailDomain; its config has not been rewritten yet")]
+    StillServed,
     #[error("leader election: {0}")]
     LeaderElection(#[from] kube_lease_manager::LeaseManagerError),
     #[error("lost the leader Lease; exiting so that a fresh process rejoins as a follower")]
@@ -179,6 +196,7 @@ impl Error {
             Self::LeaderElection(_) | Self::LostLeadership => "LeaderElection",
             Self::SecretNotOwned(_) => "SecretNotOwned",
             Self::Random => "RandomFailed",
+            Self::StillServed => "StillServed",
             Self::Admin(_) => "AdminServer",
         }
     }
@@ -197,10 +215,18 @@ pub struct Context {
     pub settings: ControllerArgs,
     pub dns_memo: maildomain::DnsMemo,
     pub metrics: Arc<ControllerMetrics>,
-    /// One lock per relay: a relay's config is rendered by one task at a
-    /// time, so a render that listed domains before a deletion can never
-    /// overwrite the render that removed the deleted domain.
-    pub relay_renders: mailrelay::RenderLocks,
+    index: index::Index,
+    projection: Arc<projection::Projection>,
+    /// The watches and channels `run_controllers` starts, once.
+    wiring: Mutex<Option<Wiring>>,
+}
+
+/// What connects the index to its consumers, taken by `run_controllers`.
+struct Wiring {
+    feeds: index::Feeds,
+    watches: BoxFuture<'static, ()>,
+    relay_news: UnboundedReceiver<ObjectRef<MailRelay>>,
+    domain_news: UnboundedReceiver<ObjectRef<MailDomain>>,
 }
 
 impl Context {
@@ -220,6 +246,18 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let scope = match &settings.namespace {
+            Some(namespace) => index::Scope::Namespace(namespace.clone()),
+            None => index::Scope::Cluster,
+        };
+        let (index, feeds, watches) = index::start(client.clone(), scope);
+        let (relay_news_tx, relay_news) = unbounded();
+        let (domain_news_tx, domain_news) = unbounded();
+        let projection = Arc::new(projection::Projection::new(
+            index.clone(),
+            relay_news_tx,
+            domain_news_tx,
+        ));
         Ok(Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -229,8 +267,25 @@ impl Context {
             settings,
             dns_memo: maildomain::DnsMemo::default(),
             metrics,
-            relay_renders: mailrelay::RenderLocks::default(),
+            index,
+            projection,
+            wiring: Mutex::new(Some(Wiring {
+                feeds,
+                watches: Box::pin(watches),
+                relay_news,
+                domain_news,
+            })),
         })
+    }
+
+    /// The shared view of the cluster.
+    pub fn index(&self) -> &index::Index {
+        &self.index
+    }
+
+    /// What each relay serves.
+    pub fn projection(&self) -> &projection::Projection {
+        &self.projection
     }
 }
 
@@ -292,22 +347,63 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     outcome
 }
 
-/// Runs the MailDomain and MailRelay controllers until `shutdown` resolves.
+/// Runs the index, the MailDomain and MailRelay controllers and the relay
+/// projection until `shutdown` resolves. A context runs once.
 pub async fn run_controllers(
     context: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    let wiring = context
+        .wiring
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let Some(Wiring {
+        feeds,
+        watches,
+        relay_news,
+        domain_news,
+    }) = wiring
+    else {
+        tracing::error!("the controllers of this context are already running");
+        return;
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let signal = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
         let _ = receiver.wait_for(|stop| *stop).await;
     };
-    let domains = maildomain::run(context.clone(), signal(stopped.clone()));
-    let relays = mailrelay::run(context, signal(stopped));
+    let domains = maildomain::run(
+        context.clone(),
+        feeds.domain_objects,
+        futures::stream::select(feeds.domain_triggers, domain_news),
+        signal(stopped.clone()),
+    );
+    let relays = mailrelay::run(
+        context.clone(),
+        context.index.clone(),
+        feeds.relay_objects,
+        relay_news,
+        signal(stopped.clone()),
+    );
+    let projection = context.projection.clone().run(
+        context.client.clone(),
+        feeds.changes,
+        context.metrics.clone(),
+    );
+    // The watches and the projection never end by themselves: they stop
+    // with the controllers.
+    let background = async move {
+        tokio::select! {
+            () = watches => {},
+            () = projection => {},
+            () = signal(stopped) => {},
+        }
+    };
     let trigger = async move {
         shutdown.await;
         let _ = stop.send(true);
     };
-    tokio::join!(domains, relays, trigger);
+    tokio::join!(domains, relays, background, trigger);
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.

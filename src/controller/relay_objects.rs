@@ -1,35 +1,32 @@
 //! What the operator renders for a MailRelay, as pure functions of plain
-//! data: the relay's configuration (settings and domain shards), the config
-//! Secret, the Deployment and the Service.
+//! data: the relay's settings, its config Secrets (the settings, and one
+//! Secret per shard bucket of domains, see [`super::projection`]), the
+//! ServiceAccount and namespace-scoped Role with which the relay reads them,
+//! the Deployment and the Service.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::api::MailRelay;
 use crate::relay::config::{
-    DomainEntry, DomainShard, RelaySettings, SETTINGS_FILE, SHARD_PREFIX, TenantEntry,
-    UpstreamAuth, UpstreamSettings,
+    RELAY_CONFIG_LABEL, RELAY_CONFIG_SHARD_LABEL, RelaySettings, SETTINGS_FILE, UpstreamAuth,
+    UpstreamSettings, shard_file_name,
 };
 
-/// Domains per shard file: a shard of RSA-2048 domains stays well under
-/// 1 MiB, the API server's limit for one Secret.
-pub const DOMAINS_PER_SHARD: usize = 250;
-/// The most config one relay takes: it is one Secret, which the API server
-/// caps at 1 MiB; the rest is headroom for JSON framing.
-pub const CONFIG_BUDGET: usize = 960 * 1024;
 /// Port of the relay's admin server (health and metrics).
 pub const RELAY_ADMIN_PORT: i32 = 9090;
-const CONFIG_DIR: &str = "/etc/mailauth/relay";
 const TLS_DIR: &str = "/etc/mailauth/tls";
 
 /// Name of everything rendered for a relay.
@@ -37,8 +34,14 @@ pub fn relay_object_name(relay: &MailRelay) -> String {
     format!("{}-relay", relay.name_any())
 }
 
+/// The Secret with the relay's settings (`relay.json`).
 pub fn config_secret_name(relay: &MailRelay) -> String {
-    format!("{}-relay-config", relay.name_any())
+    crate::relay::config::settings_secret_name(&relay.name_any())
+}
+
+/// The Secret with one shard bucket of the relay's domains.
+pub fn shard_secret_name(relay: &MailRelay, bucket: u8) -> String {
+    crate::relay::config::shard_secret_name(&relay.name_any(), bucket)
 }
 
 fn labels(relay: &MailRelay) -> BTreeMap<String, String> {
@@ -90,94 +93,90 @@ pub fn relay_settings(relay: &MailRelay, secrets: UpstreamSecrets) -> RelaySetti
     }
 }
 
-/// The config directory's files: `relay.json` and the domain shards, sorted
-/// so that the same inputs always give byte-identical files (no churn).
-pub fn config_files(
-    settings: &RelaySettings,
-    mut tenants: Vec<TenantEntry>,
-    mut domains: Vec<DomainEntry>,
-) -> Result<BTreeMap<String, Vec<u8>>, serde_json::Error> {
-    tenants.sort_by(|a, b| a.username.cmp(&b.username));
-    domains.sort_by(|a, b| a.domain.cmp(&b.domain));
-    let mut files = BTreeMap::new();
-    files.insert(
-        SETTINGS_FILE.to_string(),
-        serde_json::to_vec_pretty(settings)?,
-    );
-    let shard_count = domains.len().div_ceil(DOMAINS_PER_SHARD).max(1);
-    for index in 0..shard_count {
-        let domains: Vec<DomainEntry> = domains
-            .iter()
-            .skip(index * DOMAINS_PER_SHARD)
-            .take(DOMAINS_PER_SHARD)
-            .cloned()
-            .collect();
-        // A tenant goes in the shard of its first domain, so each shard is
-        // self-contained for the domains it carries.
-        let tenants: Vec<TenantEntry> = tenants
-            .iter()
-            .filter(|t| {
-                t.domains
-                    .iter()
-                    .min()
-                    .is_some_and(|first| domains.iter().any(|d| &d.domain == first))
-                    || (index == 0 && t.domains.is_empty())
-            })
-            .cloned()
-            .collect();
-        let shard = DomainShard { tenants, domains };
-        files.insert(
-            format!("{SHARD_PREFIX}{index:04}.json"),
-            serde_json::to_vec(&shard)?,
+fn config_labels(relay: &MailRelay, bucket: Option<u8>) -> BTreeMap<String, String> {
+    let mut labels = labels(relay);
+    labels.insert(RELAY_CONFIG_LABEL.to_string(), relay.name_any());
+    if let Some(bucket) = bucket {
+        labels.insert(
+            RELAY_CONFIG_SHARD_LABEL.to_string(),
+            format!("{bucket:02x}"),
         );
     }
-    Ok(files)
+    labels
 }
 
-/// One domain's part of the relay config: its entry and its tenant's.
-pub type DomainConfig = (DomainEntry, Option<TenantEntry>);
-
-/// Splits `entries` (in the order they should keep their place: oldest
-/// MailDomain first) into those that fit in `budget` bytes next to
-/// `settings`, and the domains left out. The cut is a prefix, so a domain
-/// already served is never pushed out by a newer one.
-pub fn fit_budget(
+/// The Secret with the relay's settings. Byte-identical for the same
+/// settings (no churn).
+pub fn settings_secret(
+    relay: &MailRelay,
     settings: &RelaySettings,
-    entries: Vec<DomainConfig>,
-    budget: usize,
-) -> Result<(Vec<DomainConfig>, Vec<String>), serde_json::Error> {
-    let mut used = serde_json::to_vec_pretty(settings)?.len();
-    let mut kept = Vec::with_capacity(entries.len());
-    let mut left_out = Vec::new();
-    for (domain, tenant) in entries {
-        // Separators and a shard's own framing stay within this slack.
-        let size = serde_json::to_vec(&domain)?.len()
-            + tenant
-                .as_ref()
-                .map_or(Ok(0), |t| serde_json::to_vec(t).map(|v| v.len()))?
-            + 64;
-        if left_out.is_empty() && used + size <= budget {
-            used += size;
-            kept.push((domain, tenant));
-        } else {
-            left_out.push(domain.domain);
-        }
-    }
-    Ok((kept, left_out))
+) -> Result<Secret, serde_json::Error> {
+    let mut meta = metadata(relay, config_secret_name(relay));
+    meta.labels = Some(config_labels(relay, None));
+    Ok(Secret {
+        metadata: meta,
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            SETTINGS_FILE.to_string(),
+            ByteString(serde_json::to_vec_pretty(settings)?),
+        )])),
+        ..Secret::default()
+    })
 }
 
-/// The Secret the relay mounts as its config directory.
-pub fn config_secret(relay: &MailRelay, files: BTreeMap<String, Vec<u8>>) -> Secret {
+/// The Secret with one shard bucket (`shard` is its rendered JSON).
+pub fn shard_secret(relay: &MailRelay, bucket: u8, shard: Vec<u8>) -> Secret {
+    let mut meta = metadata(relay, shard_secret_name(relay, bucket));
+    meta.labels = Some(config_labels(relay, Some(bucket)));
     Secret {
-        metadata: metadata(relay, config_secret_name(relay)),
+        metadata: meta,
         type_: Some("Opaque".into()),
-        data: Some(
-            files
-                .into_iter()
-                .map(|(name, bytes)| (name, ByteString(bytes)))
-                .collect(),
-        ),
+        data: Some(BTreeMap::from([(
+            shard_file_name(bucket),
+            ByteString(shard),
+        )])),
         ..Secret::default()
+    }
+}
+
+/// The ServiceAccount relay pods run as.
+pub fn service_account(relay: &MailRelay) -> ServiceAccount {
+    ServiceAccount {
+        metadata: metadata(relay, relay_object_name(relay)),
+        ..ServiceAccount::default()
+    }
+}
+
+/// What a relay may do: read the Secrets of its own namespace, to watch its
+/// config. RBAC cannot narrow a list or watch to a label, so the relay's
+/// namespace should hold only platform Secrets (docs/security.md).
+pub fn role(relay: &MailRelay) -> Role {
+    Role {
+        metadata: metadata(relay, relay_object_name(relay)),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+/// Binds [`role`] to [`service_account`].
+pub fn role_binding(relay: &MailRelay) -> RoleBinding {
+    RoleBinding {
+        metadata: metadata(relay, relay_object_name(relay)),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: relay_object_name(relay),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: relay_object_name(relay),
+            namespace: relay.namespace(),
+            ..Subject::default()
+        }]),
     }
 }
 
@@ -188,24 +187,12 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
     let port = i32::from(spec.listener.port);
     let mut args = vec![
         "relay".to_string(),
-        format!("--config-dir={CONFIG_DIR}"),
+        format!("--config-secrets={}", relay.name_any()),
         format!("--listen=0.0.0.0:{port}"),
         format!("--admin-listen=0.0.0.0:{RELAY_ADMIN_PORT}"),
     ];
-    let mut volumes = vec![Volume {
-        name: "config".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(config_secret_name(relay)),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    }];
-    let mut mounts = vec![VolumeMount {
-        name: "config".into(),
-        mount_path: CONFIG_DIR.into(),
-        read_only: Some(true),
-        ..VolumeMount::default()
-    }];
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
     if let Some(tls) = &spec.listener.tls_secret_name {
         args.push(format!("--tls-cert={TLS_DIR}/tls.crt"));
         args.push(format!("--tls-key={TLS_DIR}/tls.key"));
@@ -254,7 +241,11 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    automount_service_account_token: Some(false),
+                    // The relay watches its config Secrets with this
+                    // account's token (get/list/watch Secrets in this
+                    // namespace, nothing else).
+                    service_account_name: Some(relay_object_name(relay)),
+                    automount_service_account_token: Some(true),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         seccomp_profile: Some(SeccompProfile {
@@ -271,6 +262,17 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
                                 .unwrap_or_else(|| default_image.to_string()),
                         ),
                         args: Some(args),
+                        env: Some(vec![EnvVar {
+                            name: "POD_NAMESPACE".into(),
+                            value_from: Some(EnvVarSource {
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "metadata.namespace".into(),
+                                    ..ObjectFieldSelector::default()
+                                }),
+                                ..EnvVarSource::default()
+                            }),
+                            ..EnvVar::default()
+                        }]),
                         ports: Some(vec![
                             ContainerPort {
                                 name: Some("submission".into()),
@@ -284,7 +286,7 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
                             },
                         ]),
                         resources: spec.resources.clone(),
-                        volume_mounts: Some(mounts),
+                        volume_mounts: (!mounts.is_empty()).then_some(mounts),
                         liveness_probe: Some(probe("/healthz")),
                         readiness_probe: Some(probe("/readyz")),
                         security_context: Some(SecurityContext {
@@ -299,7 +301,7 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
                         }),
                         ..Container::default()
                     }],
-                    volumes: Some(volumes),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -337,8 +339,7 @@ pub fn service(relay: &MailRelay) -> Service {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{KeyAlgorithm, MailRelaySpec};
-    use crate::relay::config::SigningKeyEntry;
+    use crate::api::MailRelaySpec;
 
     fn relay() -> MailRelay {
         let spec: MailRelaySpec = serde_json::from_value(serde_json::json!({
@@ -353,86 +354,66 @@ mod tests {
         relay
     }
 
-    fn domain(name: &str) -> DomainEntry {
-        DomainEntry {
-            domain: name.into(),
-            messages_per_minute: 600,
-            signing_keys: vec![SigningKeyEntry {
-                selector: "ma20261126a".into(),
-                algorithm: KeyAlgorithm::Ed25519,
-                private_key_pem: "PEM".into(),
-            }],
-            return_path: None,
-        }
-    }
-
     #[test]
-    fn config_files_are_sharded_and_deterministic() {
-        let settings = relay_settings(&relay(), UpstreamSecrets::default());
-        let domains: Vec<DomainEntry> =
-            (0..600).map(|i| domain(&format!("d{i:04}.test"))).collect();
-        let tenants = vec![TenantEntry {
-            username: "t".into(),
-            password_hash: "sha256$x$y".into(),
-            domains: vec!["d0300.test".into()],
-        }];
-        let files = config_files(&settings, tenants.clone(), domains.clone()).unwrap();
+    fn config_secrets_are_labelled_for_the_relay_and_deterministic() {
+        let relay = relay();
+        let settings = relay_settings(&relay, UpstreamSecrets::default());
+        let first = settings_secret(&relay, &settings).unwrap();
+        assert_eq!(first, settings_secret(&relay, &settings).unwrap());
+        assert_eq!(first.metadata.name.as_deref(), Some("shared-relay-config"));
+        let labels = first.metadata.labels.clone().unwrap();
+        assert_eq!(labels[RELAY_CONFIG_LABEL], "shared");
+        assert!(!labels.contains_key(RELAY_CONFIG_SHARD_LABEL));
+        let shard = shard_secret(&relay, 0x3f, b"{}".to_vec());
         assert_eq!(
-            files.len(),
-            4,
-            "relay.json and three shards of at most 250 domains"
+            shard.metadata.name.as_deref(),
+            Some("shared-relay-config-3f")
         );
-        let mut reversed = domains.clone();
-        reversed.reverse();
-        assert_eq!(files, config_files(&settings, tenants, reversed).unwrap());
-        let shard: DomainShard = serde_json::from_slice(&files["domains-0001.json"]).unwrap();
-        assert_eq!(shard.tenants.len(), 1, "the tenant travels with its domain");
-        assert!(shard.domains.iter().any(|d| d.domain == "d0300.test"));
+        assert_eq!(
+            shard.metadata.labels.unwrap()[RELAY_CONFIG_SHARD_LABEL],
+            "3f"
+        );
+        assert!(shard.data.unwrap().contains_key("domains-3f.json"));
+        assert_eq!(first.metadata.owner_references.unwrap()[0].uid, "relay-uid");
     }
 
     #[test]
-    fn domains_past_the_budget_are_left_out_and_never_push_out_older_ones() {
-        let settings = relay_settings(&relay(), UpstreamSecrets::default());
-        let entries: Vec<DomainConfig> = (0..100)
-            .map(|i| (domain(&format!("d{i:04}.test")), None))
-            .collect();
-        let (all, none) = fit_budget(&settings, entries.clone(), CONFIG_BUDGET).unwrap();
-        assert_eq!((all.len(), none.len()), (100, 0));
-
-        // A budget for about 40 domains: the first 40 stay, in order.
-        let per_domain = serde_json::to_vec(&entries[0].0).unwrap().len() + 64;
-        let budget = serde_json::to_vec_pretty(&settings).unwrap().len() + 40 * per_domain + 10;
-        let (kept, left_out) = fit_budget(&settings, entries.clone(), budget).unwrap();
-        assert_eq!(kept.len(), 40);
-        assert_eq!(kept[39].0.domain, "d0039.test");
-        assert_eq!(left_out.len(), 60);
-        assert_eq!(left_out[0], "d0040.test");
-
-        let files = config_files(
-            &settings,
-            vec![],
-            kept.into_iter().map(|(domain, _)| domain).collect(),
-        )
-        .unwrap();
-        let total: usize = files.values().map(Vec::len).sum();
-        assert!(
-            total <= budget,
-            "{total} bytes rendered for a budget of {budget}"
+    fn the_relay_may_only_read_secrets_of_its_namespace() {
+        let relay = relay();
+        let role = role(&relay);
+        assert_eq!(role.metadata.namespace.as_deref(), Some("mail"));
+        let rules = role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["secrets".to_string()][..])
         );
+        assert_eq!(rules[0].verbs, vec!["get", "list", "watch"]);
+        let binding = role_binding(&relay);
+        assert_eq!(binding.role_ref.name, "shared-relay");
+        assert_eq!(binding.subjects.unwrap()[0].name, "shared-relay");
     }
 
     #[test]
-    fn deployment_mounts_config_and_tls_with_restricted_security() {
+    fn deployment_reads_its_config_secrets_with_restricted_security() {
         let deployment = deployment(&relay(), "example/relay:1");
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         let container = &pod.containers[0];
         let args = container.args.clone().unwrap();
+        assert!(args.contains(&"--config-secrets=shared".to_string()));
         assert!(args.contains(&"--tls-cert=/etc/mailauth/tls/tls.crt".to_string()));
         assert!(args.contains(&"--listen=0.0.0.0:587".to_string()));
         assert_eq!(container.image.as_deref(), Some("example/relay:1"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("shared-relay"));
+        let env = container.env.clone().unwrap();
+        assert_eq!(env[0].name, "POD_NAMESPACE");
         let security = container.security_context.clone().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
         assert_eq!(security.allow_privilege_escalation, Some(false));
-        assert_eq!(pod.volumes.unwrap().len(), 2);
+        assert_eq!(
+            pod.volumes.unwrap().len(),
+            1,
+            "only the TLS Secret is mounted"
+        );
     }
 }

@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use crate::api::MailDomain;
-use crate::dkim::PrivateKeyPem;
+use crate::api::{DkimKeyStatus, MailDomain};
+use crate::dkim::{PrivateKeyPem, public_key_from_pem};
 
 /// Label on every key Secret: the name of the MailDomain it belongs to.
 pub const MAILDOMAIN_LABEL: &str = "mailauth.dev/maildomain";
@@ -53,6 +53,37 @@ pub fn stored_entries(secret: &Secret) -> BTreeMap<String, PrivateKeyPem> {
 pub fn stored_key(secret: &Secret, selector: &str) -> Option<PrivateKeyPem> {
     let bytes = secret.data.as_ref()?.get(&entry_name(selector))?;
     PrivateKeyPem::from_secret_bytes(bytes.0.clone()).ok()
+}
+
+/// What the key Secret holds for one key the status lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredKey {
+    /// A private key whose public half is the one in status (the one DNS
+    /// verification saw).
+    Matches,
+    /// No entry for the selector.
+    Missing,
+    /// An entry that is not that key: edited, replaced, or not a key at all.
+    Mismatch,
+}
+
+/// Checks the Secret's entry for `key` against the public key recorded in
+/// status. The status is the operator's own record; the Secret is in the
+/// tenant's namespace and may have been edited.
+pub fn check_stored_key(secret: &Secret, key: &DkimKeyStatus) -> StoredKey {
+    match secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(&entry_name(&key.selector)))
+    {
+        None => StoredKey::Missing,
+        Some(bytes) => match PrivateKeyPem::from_secret_bytes(bytes.0.clone())
+            .and_then(|pem| public_key_from_pem(key.algorithm, &pem))
+        {
+            Ok(public_key) if public_key == key.public_key => StoredKey::Matches,
+            _ => StoredKey::Mismatch,
+        },
+    }
 }
 
 /// Whether a Secret of our name may be written by us: it carries our label
@@ -132,13 +163,20 @@ pub fn smtp_username(domain: &MailDomain) -> String {
     )
 }
 
-/// A new random password: 32 bytes from the system's CSPRNG, base64url.
+/// A new random password: 32 bytes from the system's CSPRNG, as 64 hex
+/// digits. Hex, because a password that starts with `-` or holds `+`, `/`
+/// or `=` breaks command lines, URLs and config files it is pasted into.
 pub fn new_password() -> Result<String, aws_lc_rs::error::Unspecified> {
     use aws_lc_rs::rand::SecureRandom;
-    use base64::Engine;
+    use std::fmt::Write as _;
     let mut bytes = [0u8; 32];
     aws_lc_rs::rand::SystemRandom::new().fill(&mut bytes)?;
-    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    Ok(bytes
+        .iter()
+        .fold(String::with_capacity(64), |mut hex, byte| {
+            let _ = write!(hex, "{byte:02x}");
+            hex
+        }))
 }
 
 /// The salt of a credential's hash, derived from the username so that the
@@ -170,6 +208,55 @@ pub fn credentials_secret(
         ("password".to_string(), text(password)),
     ]);
     domain_secret(domain, credentials_secret_name(domain), data)
+}
+
+/// The hash the relay checks a tenant's password against (and the status
+/// records): salted SHA-256, see [`credential_salt`].
+pub fn credentials_hash(username: &str, password: &str) -> String {
+    crate::relay::auth::hash_password(password, &credential_salt(username))
+}
+
+/// What the credentials Secret says, against the operator's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialsCheck {
+    /// Ours, with the username we derive and the password we recorded.
+    Matches,
+    /// No Secret.
+    Missing,
+    /// A Secret of our name that we did not make.
+    NotOwned,
+    /// Ours, but no password is recorded in status (never generated, or a
+    /// status lost): only the operator's own new password may be used.
+    NotRecorded,
+    /// Ours, but its username or password is not what we wrote.
+    Tampered,
+}
+
+/// Checks the credentials Secret of `domain` against `recorded_hash`
+/// (`status.credentialsHash`).
+pub fn check_credentials(
+    secret: Option<&Secret>,
+    domain: &MailDomain,
+    recorded_hash: Option<&str>,
+) -> CredentialsCheck {
+    let Some(secret) = secret else {
+        return CredentialsCheck::Missing;
+    };
+    if !is_ours(secret, domain) {
+        return CredentialsCheck::NotOwned;
+    }
+    let Some(recorded) = recorded_hash else {
+        return CredentialsCheck::NotRecorded;
+    };
+    match credentials_of(secret) {
+        Some((username, password))
+            if username == smtp_username(domain)
+                && credentials_hash(&username, &password) == recorded =>
+        {
+            CredentialsCheck::Matches
+        }
+        _ => CredentialsCheck::Tampered,
+    }
 }
 
 /// (username, password) from a credentials Secret.
@@ -236,7 +323,8 @@ mod tests {
     fn credentials_round_trip_and_salts_are_stable() {
         let md = domain();
         let password = new_password().unwrap();
-        assert_eq!(password.len(), 43);
+        assert_eq!(password.len(), 64);
+        assert!(password.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(password, new_password().unwrap());
         let secret = credentials_secret(
             &md,

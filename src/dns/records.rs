@@ -46,28 +46,8 @@ impl fmt::Display for RecordType {
     }
 }
 
-/// What a record is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub enum Purpose {
-    #[serde(rename = "DKIM")]
-    Dkim,
-    #[serde(rename = "SPF")]
-    Spf,
-    #[serde(rename = "DMARC")]
-    Dmarc,
-    ReturnPath,
-}
-
-impl fmt::Display for Purpose {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Dkim => "DKIM",
-            Self::Spf => "SPF",
-            Self::Dmarc => "DMARC",
-            Self::ReturnPath => "ReturnPath",
-        })
-    }
-}
+/// What a record is for (the type `status.records[].purpose` shows).
+pub use crate::api::RecordPurpose as Purpose;
 
 /// What DNS must show for a record to count as published. Checks compare
 /// meaning, not text: a tenant's SPF record may authorize other senders too.
@@ -277,6 +257,12 @@ pub struct RecordOutcome {
 /// is the same as in `previous` keeps its `since`, so recomputing the same
 /// verdicts yields an identical status (no write, no churn); a new record
 /// or a changed state is stamped `now`.
+///
+/// A DNS error never demotes a record that was verified: when the lookup of
+/// a record fails and `previous` shows *this very record* (same name, type
+/// and value) `Verified`, it stays `Verified`, with the error noted. The
+/// rule is keyed by the record, so a record never verified cannot inherit a
+/// verdict from another record, another key or another domain.
 pub fn record_statuses(
     outcomes: &[RecordOutcome],
     previous: &[DnsRecordStatus],
@@ -286,11 +272,23 @@ pub fn record_statuses(
         .iter()
         .map(|outcome| {
             let record = &outcome.record;
+            let type_ = record.record_type.to_string();
+            let same_record = |old: &&DnsRecordStatus| {
+                old.name == record.name && old.type_ == type_ && old.value == record.value
+            };
             let (state, found, error) = if record.is_removable() {
                 (RecordState::Removable, None, None)
             } else {
                 match &outcome.verdict {
                     None => (RecordState::Unchecked, None, None),
+                    Some(Verdict::Error { message })
+                        if previous
+                            .iter()
+                            .filter(same_record)
+                            .any(|old| old.state == RecordState::Verified) =>
+                    {
+                        (RecordState::Verified, None, Some(message.clone()))
+                    }
                     Some(verdict) => {
                         let (found, error) = match verdict {
                             Verdict::Mismatch { found, .. } => (Some(found.clone()), None),
@@ -301,15 +299,10 @@ pub fn record_statuses(
                     }
                 }
             };
-            let type_ = record.record_type.to_string();
             let since = previous
                 .iter()
-                .find(|old| {
-                    old.name == record.name
-                        && old.type_ == type_
-                        && old.value == record.value
-                        && old.state == state
-                })
+                .filter(same_record)
+                .find(|old| old.state == state)
                 .and_then(|old| old.since.clone())
                 .unwrap_or_else(|| now.clone());
             DnsRecordStatus {
@@ -320,7 +313,7 @@ pub fn record_statuses(
                     RecordType::Txt => record.strings.clone(),
                     RecordType::Mx => Vec::new(),
                 },
-                purpose: record.purpose.to_string(),
+                purpose: record.purpose,
                 state,
                 found,
                 error,
@@ -564,7 +557,7 @@ mod tests {
         assert_eq!(statuses[2].found.as_deref(), Some("v=spf1 -all"));
         assert_eq!(statuses[3].error.as_deref(), Some("timed out"));
         assert_eq!(statuses[0].type_, "TXT");
-        assert_eq!(statuses[0].purpose, "DKIM");
+        assert_eq!(statuses[0].purpose, Purpose::Dkim);
         assert!(
             statuses
                 .iter()
@@ -620,5 +613,53 @@ mod tests {
         assert_eq!(second[2].since, Some(t2));
         assert_eq!(second[2].state, RecordState::Verified);
         assert_eq!(second[3].since, Some(t1));
+    }
+
+    #[test]
+    fn a_dns_error_keeps_exactly_the_record_that_was_verified() {
+        let t1 = time("2026-02-01T00:00:00Z");
+        let t2 = time("2026-02-02T00:00:00Z");
+        let error = || {
+            Some(Verdict::Error {
+                message: "timed out".into(),
+            })
+        };
+        // DKIM (record 0) verified, DMARC (record 3) missing.
+        let first = record_statuses(
+            &outcomes(vec![
+                Some(Verdict::Verified),
+                None,
+                Some(Verdict::Verified),
+                Some(Verdict::Missing {
+                    reason: "none".into(),
+                }),
+            ]),
+            &[],
+            &t1,
+        );
+        let second = record_statuses(
+            &outcomes(vec![error(), None, error(), error()]),
+            &first,
+            &t2,
+        );
+        assert_eq!(second[0].state, RecordState::Verified);
+        assert_eq!(second[0].error.as_deref(), Some("timed out"));
+        assert_eq!(second[0].since, Some(t1.clone()), "still verified since t1");
+        assert_eq!(second[2].state, RecordState::Verified);
+        assert_eq!(
+            second[3].state,
+            RecordState::Error,
+            "a record never verified is not made verified by an error"
+        );
+
+        // The same name with another value (a rotated key) is another record.
+        let mut other_value = first.clone();
+        other_value[0].value.push_str("AAAA");
+        let third = record_statuses(
+            &outcomes(vec![error(), None, error(), error()]),
+            &other_value,
+            &t2,
+        );
+        assert_eq!(third[0].state, RecordState::Error);
     }
 }

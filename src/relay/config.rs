@@ -27,6 +27,9 @@ pub const SHARD_PREFIX: &str = "domains-";
 /// name. The relay watches the Secrets of its namespace with this label.
 pub const RELAY_CONFIG_LABEL: &str = "mailauth.dev/relay-config";
 
+/// The label on a relay's shard Secret: its bucket, two hex digits.
+pub const RELAY_CONFIG_SHARD_LABEL: &str = "mailauth.dev/relay-config-shard";
+
 /// How many shard buckets a relay's domains are spread over. 256 Secrets of
 /// at most ~900 KiB hold about 90,000 RSA-4096 domains.
 pub const SHARD_BUCKETS: usize = 256;
@@ -138,7 +141,8 @@ pub struct DomainEntry {
     pub messages_per_minute: u32,
     /// The Active key(s): one, or two for `Dual`.
     pub signing_keys: Vec<SigningKeyEntry>,
-    /// The custom MAIL FROM domain, when set.
+    /// The custom MAIL FROM domain, when set, relative to `domain`
+    /// (`bounce` for `bounce.acme.example`), as `spec.returnPath` says it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub return_path: Option<String>,
 }

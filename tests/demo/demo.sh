@@ -146,30 +146,38 @@ say "Publishing those records in knot, as the tenant would"
 $kubectl wait --for=condition=Ready md/acme -n "$ns" --timeout=120s
 $kubectl get md -n "$ns"
 
-say "Running the relay on the config the operator rendered"
+say "Running the relay as the operator deploys it: its own ServiceAccount watching its config Secrets"
 relay_ready() {
-  $kubectl get secret shared-relay-config -n "$ns" -o jsonpath='{.data}' | grep -q . &&
-    $kubectl get mr shared -n "$ns" -o jsonpath='{.status.domains}' | grep -qx 1
+  $kubectl get mr shared -n "$ns" -o jsonpath='{.status.domains}' | grep -qx 1 &&
+    $kubectl get rolebinding shared-relay -n "$ns" >/dev/null 2>&1
 }
 wait_until 60 "the relay config" relay_ready
-mkdir -p "$work/relay-config"
-for file in $($kubectl get secret shared-relay-config -n "$ns" -o go-template='{{range $k, $v := .data}}{{$k}} {{end}}'); do
-  $kubectl get secret shared-relay-config -n "$ns" -o go-template="{{index .data \"$file\" | base64decode}}" >"$work/relay-config/$file"
-done
+$kubectl get secrets -n "$ns" -l mailauth.dev/relay-config=shared
+server="$($kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.server}')"
+$kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$work/ca.crt"
+cat >"$work/relay.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters: [{name: local, cluster: {server: "$server", certificate-authority: "$work/ca.crt"}}]
+users: [{name: relay, user: {token: "$($kubectl create token shared-relay -n "$ns" --duration=1h)"}}]
+contexts: [{name: relay, context: {cluster: local, user: relay, namespace: "$ns"}}]
+current-context: relay
+EOF
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=relay.platform.example" \
   -keyout "$work/tls.key" -out "$work/tls.crt" >/dev/null 2>&1
 relay_port="$(free_port)"
 admin_port="$(free_port)"
-"$bin" relay --config-dir "$work/relay-config" --listen "127.0.0.1:$relay_port" \
-  --admin-listen "127.0.0.1:$admin_port" --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" \
-  >"$work/relay.log" 2>&1 &
+KUBECONFIG="$work/relay.kubeconfig" "$bin" relay --config-secrets shared --namespace "$ns" \
+  --listen "127.0.0.1:$relay_port" --admin-listen "127.0.0.1:$admin_port" \
+  --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" >"$work/relay.log" 2>&1 &
 pids+=($!)
-wait_until 30 "the relay" curl -fsS "http://127.0.0.1:$admin_port/readyz"
+relay_serves() { curl -fsS "http://127.0.0.1:$admin_port/metrics" | grep -qx 'mailauth_relay_config_domains 1'; }
+wait_until 30 "the relay serving acme.example" relay_serves
 
 say "Sending a message with swaks (AUTH over STARTTLS, the tenant's credentials Secret)"
 user="$($kubectl get secret acme-smtp -n "$ns" -o go-template='{{.data.username | base64decode}}')"
 pass="$($kubectl get secret acme-smtp -n "$ns" -o go-template='{{.data.password | base64decode}}')"
-swaks --server "127.0.0.1:$relay_port" --tls --auth PLAIN --auth-user "$user" --auth-password "$pass" \
+swaks --server "127.0.0.1:$relay_port" --tls --auth PLAIN --auth-user="$user" --auth-password="$pass" \
   --from hola@acme.example --to customer@example.net \
   --header "Subject: Hello from acme, signed by mailauth-operator" \
   --body "This message left through the platform's relay." --hide-all

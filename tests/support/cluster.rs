@@ -122,6 +122,58 @@ impl Cluster {
         TestNamespace { name }
     }
 
+    /// A kubeconfig that authenticates as a ServiceAccount (a token from the
+    /// TokenRequest API, valid for an hour), so a process run with it has
+    /// exactly the RBAC a pod of that account would have. Written into
+    /// `dir`.
+    pub fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        dir: &Path,
+    ) -> PathBuf {
+        let out = self.kubectl(
+            &[
+                "-n",
+                namespace,
+                "create",
+                "token",
+                service_account,
+                "--duration=1h",
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "creating a token for {namespace}/{service_account}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).expect("utf-8 token");
+        let admin: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(&self.kubeconfig).expect("reading kubeconfig"),
+        )
+        .expect("parsing kubeconfig");
+        let cluster = &admin["clusters"][0]["cluster"];
+        let kubeconfig = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "local", "cluster": {
+                "server": cluster["server"].as_str(),
+                "certificate-authority-data": cluster["certificate-authority-data"].as_str(),
+                "certificate-authority": cluster["certificate-authority"].as_str(),
+            }}],
+            "users": [{"name": service_account, "user": {"token": token.trim()}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "local", "user": service_account, "namespace": namespace}}],
+            "current-context": "sa",
+        });
+        let path = dir.join(format!("{service_account}.kubeconfig"));
+        std::fs::write(
+            &path,
+            serde_yaml::to_string(&kubeconfig).expect("kubeconfig yaml"),
+        )
+        .expect("writing kubeconfig");
+        path
+    }
+
     /// Applies a label to a namespace (server-side apply).
     pub async fn label_namespace(&self, namespace: &str, key: &str, value: &str) {
         let api: Api<Namespace> = Api::all(self.client().await);

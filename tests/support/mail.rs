@@ -199,8 +199,10 @@ impl Swaks {
             let mechanism = self.auth_mechanism.as_deref().unwrap_or("PLAIN");
             command
                 .args(["--auth", mechanism])
-                .args(["--auth-user", username])
-                .args(["--auth-password", password]);
+                // `=` keeps a value that starts with `-` from reading as
+                // an option.
+                .arg(format!("--auth-user={username}"))
+                .arg(format!("--auth-password={password}"));
         }
         let output = command
             .output()
@@ -366,6 +368,34 @@ impl Relay {
     /// Starts the relay on `config_dir` and waits until `/readyz` says its
     /// config is loaded.
     pub fn start(config_dir: &Path, tls: Option<(&Path, &Path)>) -> Self {
+        let mut args = vec![std::ffi::OsString::from("--config-dir"), config_dir.into()];
+        Self::spawn(&mut args, &[], tls)
+    }
+
+    /// Starts the relay as the operator deploys it: watching the config
+    /// Secrets of MailRelay `relay` in `namespace` through the API server,
+    /// authenticated by `kubeconfig` (a ServiceAccount's, so the relay has
+    /// exactly the RBAC the operator renders for it).
+    pub fn start_from_cluster(
+        relay: &str,
+        namespace: &str,
+        kubeconfig: &Path,
+        tls: Option<(&Path, &Path)>,
+    ) -> Self {
+        let mut args = vec![
+            std::ffi::OsString::from("--config-secrets"),
+            relay.into(),
+            "--namespace".into(),
+            namespace.into(),
+        ];
+        Self::spawn(&mut args, &[("KUBECONFIG", kubeconfig.as_os_str())], tls)
+    }
+
+    fn spawn(
+        source: &mut Vec<std::ffi::OsString>,
+        env: &[(&str, &std::ffi::OsStr)],
+        tls: Option<(&Path, &Path)>,
+    ) -> Self {
         let log_dir = tempfile::tempdir().expect("temp dir");
         let log = log_dir.path().join("relay.log");
         let port = free_tcp_port();
@@ -373,8 +403,7 @@ impl Relay {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mailauth-operator"));
         command
             .arg("relay")
-            .arg("--config-dir")
-            .arg(config_dir)
+            .args(source.drain(..))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--reload-interval", "1s", "--upstream-timeout", "5s"])
@@ -382,6 +411,9 @@ impl Relay {
                 "RUST_LOG",
                 std::env::var("RELAY_RUST_LOG").unwrap_or("info".into()),
             );
+        for (name, value) in env {
+            command.env(name, value);
+        }
         if let Some((cert, key)) = tls {
             command
                 .arg("--tls-cert")
@@ -414,6 +446,18 @@ impl Relay {
             relay.log()
         );
         relay
+    }
+
+    /// The value of an unlabelled metric on the relay's `/metrics`, if the
+    /// metric is there.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics")?;
+        body.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let (metric, value) = line.split_once(' ')?;
+                (metric == name).then(|| value.trim().parse().ok())?
+            })
     }
 
     pub fn log(&self) -> String {

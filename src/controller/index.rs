@@ -1,0 +1,431 @@
+//! The index: what the cluster looks like, kept apart from what we change.
+//!
+//! One watch per kind feeds one reflector store that every part of the
+//! operator reads (the MailDomain controller, the MailRelay controller and
+//! the relay projection), so 10,000 MailDomains and their Secrets are held
+//! once, and nothing renders by listing and GETting on every event. Each
+//! watch event is also fanned out, already applied to its store, as:
+//!
+//! - the objects that drive each controller (`Controller::for_stream`);
+//! - MailDomains to reconcile because something they depend on changed
+//!   (their Secrets, their relay, their namespace's labels, another
+//!   MailDomain claiming the same domain);
+//! - [`Change`]s for the relay projection.
+//!
+//! The watches are the operator's only reads of the cluster besides the
+//! fresh reads a reconcile makes on purpose (the key Secret, before keys are
+//! generated).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+
+use super::membership::relay_of;
+use super::secrets::{MAILDOMAIN_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::api::{MailDomain, MailRelay};
+use crate::relay::config::{RELAY_CONFIG_LABEL, RELAY_CONFIG_SHARD_LABEL};
+
+/// Something the relay projection must look at again.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Change {
+    /// A MailDomain changed or went away.
+    Domain(ObjectRef<MailDomain>),
+    /// One of a MailDomain's Secrets (keys, credentials) changed.
+    DomainSecret(ObjectRef<MailDomain>),
+    /// A MailRelay changed or went away.
+    Relay(ObjectRef<MailRelay>),
+    /// A relay's config Secret changed (ours, normally: checked for drift),
+    /// with the shard bucket it holds.
+    RelayConfig(ObjectRef<MailRelay>, Option<u8>),
+    /// A namespace's labels may have changed.
+    Namespace(String),
+    /// A watch (re)listed everything.
+    Resync,
+}
+
+/// The shared stores.
+#[derive(Clone)]
+pub struct Index {
+    pub domains: Store<MailDomain>,
+    /// Every Secret this operator manages (label
+    /// `app.kubernetes.io/managed-by=mailauth-operator`), without
+    /// `managedFields`.
+    pub secrets: Store<Secret>,
+    pub namespaces: Store<Namespace>,
+    pub relays: Store<MailRelay>,
+    /// `spec.domain` → the MailDomains that claim it.
+    claims: Arc<Mutex<HashMap<String, HashSet<ObjectRef<MailDomain>>>>>,
+}
+
+impl Index {
+    /// Waits until every store has listed its kind once.
+    pub async fn ready(&self) {
+        let _ = tokio::join!(
+            self.domains.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+            self.namespaces.wait_until_ready(),
+            self.relays.wait_until_ready(),
+        );
+    }
+
+    /// The Secret `name` in `namespace`, if we manage it.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<Arc<Secret>> {
+        self.secrets.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn relay(&self, relay: &ObjectRef<MailRelay>) -> Option<Arc<MailRelay>> {
+        self.relays.get(relay)
+    }
+
+    /// The labels of a namespace (empty when it is unknown).
+    pub fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        self.namespaces
+            .get(&ObjectRef::new(namespace))
+            .map(|ns| ns.labels().clone())
+            .unwrap_or_default()
+    }
+
+    /// Every MailDomain that claims `domain`.
+    pub fn claimants(&self, domain: &str) -> Vec<Arc<MailDomain>> {
+        let refs: Vec<ObjectRef<MailDomain>> = self
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(domain)
+            .map(|set| set.iter().cloned().collect())
+            .unwrap_or_default();
+        refs.iter().filter_map(|r| self.domains.get(r)).collect()
+    }
+
+    /// The MailDomains that name `relay`.
+    pub fn domains_of_relay(&self, relay: &ObjectRef<MailRelay>) -> Vec<Arc<MailDomain>> {
+        self.domains
+            .state()
+            .into_iter()
+            .filter(|md| relay_of(md).as_ref() == Some(relay))
+            .collect()
+    }
+
+    fn note_claim(&self, md: &MailDomain, present: bool) {
+        let me = ObjectRef::from_obj(md);
+        let mut claims = self
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A MailDomain claims one domain (spec.domain is immutable), but an
+        // object can be re-created under the same name for another domain.
+        for (domain, set) in claims.iter_mut() {
+            if *domain != md.spec.domain {
+                set.remove(&me);
+            }
+        }
+        claims.retain(|_, set| !set.is_empty());
+        if present {
+            claims.entry(md.spec.domain.clone()).or_default().insert(me);
+        } else if let Some(set) = claims.get_mut(&md.spec.domain) {
+            set.remove(&me);
+        }
+    }
+}
+
+/// The MailDomain a managed Secret belongs to, from its label.
+pub fn secret_owner(secret: &Secret) -> Option<ObjectRef<MailDomain>> {
+    let name = secret.labels().get(MAILDOMAIN_LABEL)?;
+    Some(ObjectRef::new(name).within(&secret.namespace()?))
+}
+
+/// The MailRelay a relay config Secret belongs to and the shard bucket it
+/// holds (none for the settings), from its labels.
+pub fn config_owner(secret: &Secret) -> Option<(ObjectRef<MailRelay>, Option<u8>)> {
+    let name = secret.labels().get(RELAY_CONFIG_LABEL)?;
+    let bucket = secret
+        .labels()
+        .get(RELAY_CONFIG_SHARD_LABEL)
+        .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+    Some((ObjectRef::new(name).within(&secret.namespace()?), bucket))
+}
+
+/// The receiving ends of the fan-out, one per consumer.
+pub struct Feeds {
+    /// MailDomains as watched: what drives the MailDomain controller.
+    pub domain_objects: UnboundedReceiver<Result<MailDomain, watcher::Error>>,
+    /// MailDomains to reconcile because something they depend on changed.
+    pub domain_triggers: UnboundedReceiver<ObjectRef<MailDomain>>,
+    /// MailRelays as watched: what drives the MailRelay controller.
+    pub relay_objects: UnboundedReceiver<Result<MailRelay, watcher::Error>>,
+    /// What the relay projection must look at again.
+    pub changes: UnboundedReceiver<Change>,
+}
+
+/// The sending ends, used by the watch tasks.
+#[derive(Clone)]
+struct Fanout {
+    domain_objects: UnboundedSender<Result<MailDomain, watcher::Error>>,
+    domain_triggers: UnboundedSender<ObjectRef<MailDomain>>,
+    relay_objects: UnboundedSender<Result<MailRelay, watcher::Error>>,
+    changes: UnboundedSender<Change>,
+}
+
+impl Fanout {
+    fn change(&self, change: Change) {
+        let _ = self.changes.unbounded_send(change);
+    }
+
+    fn trigger(&self, md: ObjectRef<MailDomain>) {
+        let _ = self.domain_triggers.unbounded_send(md);
+    }
+}
+
+/// Which namespaces the operator watches.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    Cluster,
+    Namespace(String),
+}
+
+impl Scope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match self {
+            Self::Cluster => Api::all(client.clone()),
+            Self::Namespace(namespace) => Api::namespaced(client.clone(), namespace),
+        }
+    }
+}
+
+/// Sets up the index: returns the stores, the feeds, and the future that
+/// runs the watches (drive it for as long as the controllers run).
+pub fn start(
+    client: Client,
+    scope: Scope,
+) -> (Index, Feeds, impl std::future::Future<Output = ()> + Send) {
+    let (domains, domains_writer) = reflector::store();
+    let (secrets, secrets_writer) = reflector::store();
+    let (namespaces, namespaces_writer) = reflector::store();
+    let (relays, relays_writer) = reflector::store();
+    let index = Index {
+        domains,
+        secrets,
+        namespaces,
+        relays,
+        claims: Arc::default(),
+    };
+    let (domain_objects_tx, domain_objects) = unbounded();
+    let (domain_triggers_tx, domain_triggers) = unbounded();
+    let (relay_objects_tx, relay_objects) = unbounded();
+    let (changes_tx, changes) = unbounded();
+    let fanout = Fanout {
+        domain_objects: domain_objects_tx,
+        domain_triggers: domain_triggers_tx,
+        relay_objects: relay_objects_tx,
+        changes: changes_tx,
+    };
+
+    let domain_watch = {
+        let (index, fanout) = (index.clone(), fanout.clone());
+        let stream = watcher(
+            scope.api::<MailDomain>(&client),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(|md| md.managed_fields_mut().clear())
+        .reflect(domains_writer);
+        drive(stream, move |event| on_domain(&index, &fanout, event))
+    };
+    let secret_watch = {
+        let (index, fanout) = (index.clone(), fanout.clone());
+        let stream = watcher(
+            scope.api::<Secret>(&client),
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        )
+        .default_backoff()
+        .modify(|secret| secret.managed_fields_mut().clear())
+        .reflect(secrets_writer);
+        drive(stream, move |event| on_secret(&index, &fanout, event))
+    };
+    let namespace_watch = {
+        let (index, fanout) = (index.clone(), fanout.clone());
+        let config = match &scope {
+            Scope::Cluster => watcher::Config::default(),
+            Scope::Namespace(namespace) => {
+                watcher::Config::default().fields(&format!("metadata.name={namespace}"))
+            }
+        };
+        let stream = watcher(Api::<Namespace>::all(client.clone()), config)
+            .default_backoff()
+            .modify(|ns| ns.managed_fields_mut().clear())
+            .reflect(namespaces_writer);
+        drive(stream, move |event| on_namespace(&index, &fanout, event))
+    };
+    let relay_watch = {
+        let (index, fanout) = (index.clone(), fanout);
+        let stream = watcher(scope.api::<MailRelay>(&client), watcher::Config::default())
+            .default_backoff()
+            .modify(|relay| relay.managed_fields_mut().clear())
+            .reflect(relays_writer);
+        drive(stream, move |event| on_relay(&index, &fanout, event))
+    };
+    let run = async move {
+        tokio::join!(domain_watch, secret_watch, namespace_watch, relay_watch);
+    };
+    (
+        index,
+        Feeds {
+            domain_objects,
+            domain_triggers,
+            relay_objects,
+            changes,
+        },
+        run,
+    )
+}
+
+/// Runs a reflected watch, handing each event (already in the store) on.
+async fn drive<K>(
+    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+    mut on_event: impl FnMut(Result<&watcher::Event<K>, watcher::Error>) + Send,
+) {
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => on_event(Ok(&event)),
+            Err(error) => {
+                tracing::warn!(%error, "watch failed; retrying");
+                on_event(Err(error));
+            }
+        }
+    }
+}
+
+fn on_domain(
+    index: &Index,
+    fanout: &Fanout,
+    event: Result<&watcher::Event<MailDomain>, watcher::Error>,
+) {
+    let event = match event {
+        Ok(event) => event,
+        Err(error) => {
+            let _ = fanout.domain_objects.unbounded_send(Err(error));
+            return;
+        }
+    };
+    match event {
+        watcher::Event::Apply(md) | watcher::Event::InitApply(md) => {
+            index.note_claim(md, true);
+            let _ = fanout.domain_objects.unbounded_send(Ok(md.clone()));
+            fanout.change(Change::Domain(ObjectRef::from_obj(md)));
+            // Another MailDomain claiming the same domain must look again at
+            // who owns it.
+            let me = ObjectRef::from_obj(md);
+            for other in index.claimants(&md.spec.domain) {
+                let other = ObjectRef::from_obj(&*other);
+                if other != me {
+                    fanout.trigger(other);
+                }
+            }
+        }
+        watcher::Event::Delete(md) => {
+            index.note_claim(md, false);
+            fanout.change(Change::Domain(ObjectRef::from_obj(md)));
+            for other in index.claimants(&md.spec.domain) {
+                fanout.trigger(ObjectRef::from_obj(&*other));
+            }
+        }
+        watcher::Event::InitDone => fanout.change(Change::Resync),
+        watcher::Event::Init => {}
+    }
+}
+
+fn on_secret(
+    index: &Index,
+    fanout: &Fanout,
+    event: Result<&watcher::Event<Secret>, watcher::Error>,
+) {
+    let Ok(event) = event else { return };
+    let _ = index;
+    match event {
+        watcher::Event::Apply(secret)
+        | watcher::Event::InitApply(secret)
+        | watcher::Event::Delete(secret) => {
+            if let Some(md) = secret_owner(secret) {
+                fanout.change(Change::DomainSecret(md.clone()));
+                if !matches!(event, watcher::Event::InitApply(_)) {
+                    fanout.trigger(md);
+                }
+            }
+            if let Some((relay, bucket)) = config_owner(secret) {
+                fanout.change(Change::RelayConfig(relay, bucket));
+            }
+        }
+        watcher::Event::InitDone => fanout.change(Change::Resync),
+        watcher::Event::Init => {}
+    }
+}
+
+fn on_namespace(
+    index: &Index,
+    fanout: &Fanout,
+    event: Result<&watcher::Event<Namespace>, watcher::Error>,
+) {
+    let Ok(event) = event else { return };
+    match event {
+        watcher::Event::Apply(ns) | watcher::Event::Delete(ns) => {
+            let name = ns.name_any();
+            fanout.change(Change::Namespace(name.clone()));
+            // Admission by label selector depends on the namespace's labels.
+            for md in index.domains.state() {
+                if md.namespace().as_deref() == Some(name.as_str()) && md.spec.relay_ref.is_some() {
+                    fanout.trigger(ObjectRef::from_obj(&*md));
+                }
+            }
+        }
+        watcher::Event::InitDone => fanout.change(Change::Resync),
+        watcher::Event::Init | watcher::Event::InitApply(_) => {}
+    }
+}
+
+fn on_relay(
+    index: &Index,
+    fanout: &Fanout,
+    event: Result<&watcher::Event<MailRelay>, watcher::Error>,
+) {
+    let event = match event {
+        Ok(event) => event,
+        Err(error) => {
+            let _ = fanout.relay_objects.unbounded_send(Err(error));
+            return;
+        }
+    };
+    match event {
+        watcher::Event::Apply(relay) | watcher::Event::InitApply(relay) => {
+            let _ = fanout.relay_objects.unbounded_send(Ok(relay.clone()));
+            let me = ObjectRef::from_obj(relay);
+            fanout.change(Change::Relay(me.clone()));
+            if matches!(event, watcher::Event::Apply(_)) {
+                // Its SPF authorization and admission shape the records and
+                // conditions of the domains that use it.
+                for md in index.domains_of_relay(&me) {
+                    fanout.trigger(ObjectRef::from_obj(&*md));
+                }
+            }
+        }
+        watcher::Event::Delete(relay) => {
+            let me = ObjectRef::from_obj(relay);
+            fanout.change(Change::Relay(me.clone()));
+            for md in index.domains_of_relay(&me) {
+                fanout.trigger(ObjectRef::from_obj(&*md));
+            }
+        }
+        watcher::Event::InitDone => fanout.change(Change::Resync),
+        watcher::Event::Init => {}
+    }
+}

@@ -1,0 +1,719 @@
+//! What to do about one MailDomain: a pure function of what was observed.
+//!
+//! [`decide`] takes the object, its Secrets as read, what its relay says,
+//! the DNS outcomes, the other claimants of its domain and the clock, plus
+//! the fresh random material the shell generated for it ([`needs`] says
+//! which), and returns the writes in the order they must be made, the
+//! status, the events and when to look again. The shell only fetches and
+//! carries out.
+//!
+//! The order of the writes is what makes a crash at any point harmless:
+//! - new private keys are stored before the status names them;
+//! - new credentials are stored before the status records their hash;
+//! - a retired key's private key is removed only after the status says
+//!   Retired.
+//!
+//! When a write fails, the shell decides again with the failure as an
+//! observation ([`Fresh::keys_failed`], [`Fresh::credentials_failed`]) and
+//! carries out that decision, so a failing step still ends in a status
+//! that says what is wrong.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+
+use super::super::Error;
+use super::super::conditions::{DomainFacts, KeysProblem, RelayFacts, conditions};
+use super::super::membership::{self, Candidate, LeftOut, claim_owner};
+use super::super::secrets::{self, CredentialsCheck, StoredKey};
+use crate::api::{
+    Condition, ConditionStatus, ConditionType, DkimStatus, MailDomain, MailDomainStatus, MailRelay,
+    ROTATE_ANNOTATION, Reason, RecordState, SpfAuthorization,
+};
+use crate::dkim::{
+    self, DnsVerdict, GeneratedKey, NewKey, PrivateKeyPem, RotationEvent, RotationInput,
+    RotationPlan,
+};
+use crate::dns::{self, ExpectedRecord, RecordOutcome, Requirement, Verdict};
+
+/// `lastChecked` is refreshed at least this often when nothing changes.
+pub const LAST_CHECKED_REFRESH: SignedDuration = SignedDuration::from_hours(24);
+
+/// The key Secret `<md>-dkim`, as read fresh from the API server.
+#[derive(Clone, Copy, Debug)]
+pub enum KeySecret<'a> {
+    Absent,
+    /// A Secret of that name we did not make: never written.
+    NotOurs,
+    Ours(&'a Secret),
+}
+
+/// What `relayRef` comes to.
+#[derive(Clone, Copy, Debug)]
+pub enum RelayView<'a> {
+    NotRequested,
+    NotFound {
+        relay: &'a str,
+    },
+    /// The relay exists and admits the namespace.
+    Admitted {
+        relay: &'a MailRelay,
+        namespace_labels: &'a BTreeMap<String, String>,
+    },
+    /// The relay exists and does not admit the namespace.
+    Refused {
+        why: &'a str,
+    },
+}
+
+impl RelayView<'_> {
+    /// What SPF must authorize: only for an admitted relay.
+    pub fn spf(&self) -> Option<&SpfAuthorization> {
+        match self {
+            Self::Admitted { relay, .. } => Some(&relay.spec.spf),
+            _ => None,
+        }
+    }
+}
+
+/// Everything one decision looks at.
+pub struct Observed<'a> {
+    pub domain: &'a MailDomain,
+    pub now: Timestamp,
+    pub keys: KeySecret<'a>,
+    /// `<md>-smtp`, as read fresh.
+    pub credentials: Option<&'a Secret>,
+    pub relay: RelayView<'a>,
+    /// Outcomes for [`records_to_check`], from the DNS check (or its memo).
+    pub dns: &'a [RecordOutcome],
+    /// The other MailDomains that claim the same domain.
+    pub claimants: &'a [Arc<MailDomain>],
+    /// The relay's config has no room for this domain.
+    pub no_room: bool,
+}
+
+/// The random material a decision may need, made by the shell (or why it
+/// could not be made or stored).
+#[derive(Default)]
+pub struct Fresh {
+    /// One generated key per [`Needs::keys`] entry, with its generation.
+    pub keys: Vec<(GeneratedKey, u32)>,
+    /// Generating or storing the keys failed: the message.
+    pub keys_failed: Option<String>,
+    /// A new password, when [`Needs::password`].
+    pub password: Option<String>,
+    /// Storing the new credentials failed: the message.
+    pub credentials_failed: Option<String>,
+}
+
+/// What random material [`decide`] will want.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub keys: Vec<NewKey>,
+    pub password: bool,
+}
+
+/// One write, in the order of [`Decision::writes`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    /// The key Secret with exactly these entries (new keys included).
+    StoreKeys(BTreeMap<String, PrivateKeyPem>),
+    /// The credentials Secret.
+    StoreCredentials {
+        username: String,
+        password: String,
+        host: String,
+        port: u16,
+    },
+    /// The status, when it changed.
+    Status(Box<MailDomainStatus>),
+    /// The key Secret without the private keys of retired keys.
+    RemovePrivateKeys(BTreeMap<String, PrivateKeyPem>),
+}
+
+/// An event to publish on the MailDomain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub message: String,
+}
+
+/// What to do.
+#[derive(Debug)]
+pub struct Decision {
+    pub writes: Vec<Write>,
+    /// The status as it will be (written only if it changed).
+    pub status: MailDomainStatus,
+    pub events: Vec<Note>,
+    /// The earliest time planning again changes something about the keys.
+    pub wake_at: Option<Timestamp>,
+    /// Rotations started (a new generation while one was Active).
+    pub rotations: u32,
+}
+
+/// The records to check in DNS before deciding: those of the keys as the
+/// status has them.
+pub fn records_to_check(domain: &MailDomain, relay: &RelayView<'_>) -> Vec<ExpectedRecord> {
+    let keys = domain
+        .status
+        .as_ref()
+        .and_then(|s| s.dkim.as_ref())
+        .map(|d| d.keys.as_slice())
+        .unwrap_or_default();
+    dns::expected_records(&domain.spec.domain, &domain.spec, keys, relay.spf())
+}
+
+/// The random material [`decide`] will want for `observed`.
+pub fn needs(observed: &Observed<'_>) -> Result<Needs, Error> {
+    let plan = rotation_plan(observed)?;
+    Ok(Needs {
+        keys: plan.map(|p| p.generate).unwrap_or_default(),
+        password: matches!(credentials_step(observed), CredentialsStep::Generate),
+    })
+}
+
+/// What happens to the credentials in this decision.
+#[derive(Debug, PartialEq, Eq)]
+enum CredentialsStep {
+    /// No relay admits the domain: leave whatever exists.
+    Untouched,
+    /// Ours and as recorded: keep (rewriting host/port if the relay moved).
+    Keep,
+    /// Generate a new password, store it, record its hash.
+    Generate,
+    /// The Secret is gone while a hash is recorded: forget the hash first,
+    /// so a crash between storing new credentials and recording them can
+    /// never look like tampering.
+    Forget,
+    /// Not ours, or not what we wrote: left alone, reported.
+    Refuse,
+}
+
+fn credentials_step(observed: &Observed<'_>) -> CredentialsStep {
+    if !matches!(observed.relay, RelayView::Admitted { .. }) {
+        return CredentialsStep::Untouched;
+    }
+    let recorded = previous_status(observed).credentials_hash.as_deref();
+    match secrets::check_credentials(observed.credentials, observed.domain, recorded) {
+        CredentialsCheck::Matches => CredentialsStep::Keep,
+        CredentialsCheck::NotRecorded => CredentialsStep::Generate,
+        CredentialsCheck::Missing if recorded.is_some() => CredentialsStep::Forget,
+        CredentialsCheck::Missing => CredentialsStep::Generate,
+        CredentialsCheck::NotOwned | CredentialsCheck::Tampered => CredentialsStep::Refuse,
+    }
+}
+
+fn previous_status<'a>(observed: &Observed<'a>) -> &'a MailDomainStatus {
+    static EMPTY: std::sync::OnceLock<MailDomainStatus> = std::sync::OnceLock::new();
+    observed
+        .domain
+        .status
+        .as_ref()
+        .unwrap_or_else(|| EMPTY.get_or_init(MailDomainStatus::default))
+}
+
+/// What the key Secret holds, by selector: entries that are the key the
+/// status records count as present; an entry for a status key that is not
+/// that key (edited) is not present. Entries of keys the status does not
+/// list count as present, so their selectors are never reused.
+fn usable_private_keys(observed: &Observed<'_>) -> (HashSet<String>, Vec<String>) {
+    let KeySecret::Ours(secret) = observed.keys else {
+        return (HashSet::new(), Vec::new());
+    };
+    let keys = previous_status(observed)
+        .dkim
+        .as_ref()
+        .map(|d| d.keys.as_slice())
+        .unwrap_or_default();
+    let mut present = secrets::stored_selectors(secret);
+    let mut tampered = Vec::new();
+    for key in keys {
+        if secrets::check_stored_key(secret, key) == StoredKey::Mismatch {
+            present.remove(&key.selector);
+            tampered.push(key.selector.clone());
+        }
+    }
+    (present, tampered)
+}
+
+fn rotation_plan(observed: &Observed<'_>) -> Result<Option<RotationPlan>, Error> {
+    if !matches!(observed.keys, KeySecret::Ours(_) | KeySecret::Absent) {
+        return Ok(None);
+    }
+    let previous = previous_status(observed);
+    let dkim = previous.dkim.clone().unwrap_or_default();
+    let verdicts = dkim_verdicts(observed.dns);
+    let (present, _) = usable_private_keys(observed);
+    let plan = dkim::plan(&RotationInput {
+        now: observed.now,
+        spec: &observed.domain.spec.dkim,
+        keys: &dkim.keys,
+        rotate_annotation: observed
+            .domain
+            .annotations()
+            .get(ROTATE_ANNOTATION)
+            .map(String::as_str),
+        rotate_acted_on: dkim.rotate_requested.as_deref(),
+        dns: &verdicts,
+        private_keys_present: &present,
+    })?;
+    Ok(Some(plan))
+}
+
+/// DNS verdicts per DKIM selector, as the rotation planner wants them.
+fn dkim_verdicts(outcomes: &[RecordOutcome]) -> HashMap<String, DnsVerdict> {
+    outcomes
+        .iter()
+        .filter_map(|outcome| match &outcome.record.requirement {
+            Requirement::DkimPublicKey { selector, .. } => {
+                let verdict = match &outcome.verdict {
+                    Some(Verdict::Verified) => DnsVerdict::Verified,
+                    Some(Verdict::Missing { .. } | Verdict::Mismatch { .. }) => {
+                        DnsVerdict::NotVerified
+                    }
+                    Some(Verdict::Error { .. }) | None => DnsVerdict::Unknown,
+                };
+                Some((selector.clone(), verdict))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn same_record(a: &ExpectedRecord, b: &ExpectedRecord) -> bool {
+    a.name == b.name && a.record_type == b.record_type && a.value == b.value
+}
+
+/// Decides everything for one reconcile.
+pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error> {
+    let md = observed.domain;
+    let now = observed.now;
+    let now_time = Time(now);
+    let generation = md.metadata.generation;
+    let previous = previous_status(observed);
+    let previous_dkim = previous.dkim.clone().unwrap_or_default();
+    let secret_name = secrets::keys_secret_name(md);
+    let mut writes = Vec::new();
+    let mut events = Vec::new();
+
+    // Keys.
+    let plan = rotation_plan(observed)?;
+    let (_, tampered) = usable_private_keys(observed);
+    let mut stored: BTreeMap<String, PrivateKeyPem> = match observed.keys {
+        KeySecret::Ours(secret) => secrets::stored_entries(secret),
+        _ => BTreeMap::new(),
+    };
+    let mut keys_problem = None;
+    let mut rotations = 0;
+    let dkim_status = match &plan {
+        None => {
+            keys_problem = Some(KeysProblem::SecretNotOwned {
+                secret: secret_name.clone(),
+            });
+            previous_dkim.clone()
+        }
+        Some(plan) => {
+            let generated_all = !plan.generate.is_empty()
+                && fresh.keys_failed.is_none()
+                && fresh.keys.len() == plan.generate.len();
+            if let Some(message) = &fresh.keys_failed {
+                keys_problem = Some(KeysProblem::GenerationFailed {
+                    message: message.clone(),
+                });
+                events.push(Note {
+                    warning: true,
+                    reason: "KeyGenerationFailed",
+                    action: "Generate",
+                    message: message.clone(),
+                });
+            }
+            if !plan.active_keys_missing.is_empty() {
+                let (edited, missing): (Vec<String>, Vec<String>) = plan
+                    .active_keys_missing
+                    .iter()
+                    .cloned()
+                    .partition(|selector| tampered.contains(selector));
+                keys_problem = Some(if edited.is_empty() {
+                    KeysProblem::ActiveKeyMissing {
+                        secret: secret_name.clone(),
+                        selectors: missing,
+                    }
+                } else {
+                    KeysProblem::ActiveKeyTampered {
+                        secret: secret_name.clone(),
+                        selectors: edited,
+                    }
+                });
+            }
+            if generated_all {
+                if !previous_dkim.keys.is_empty() {
+                    rotations = 1;
+                }
+                for (key, _) in &fresh.keys {
+                    stored.insert(key.selector.clone(), key.private_key_pem.clone());
+                }
+                writes.push(Write::StoreKeys(stored.clone()));
+                plan.status(
+                    fresh
+                        .keys
+                        .iter()
+                        .cloned()
+                        .map(|(key, generation)| key.into_status(now, generation)),
+                )
+            } else if plan.generate.is_empty() {
+                plan.status(std::iter::empty())
+            } else {
+                // Keys were due but not made: nothing new is recorded, and
+                // the annotation is not marked as acted on.
+                let mut unchanged = plan.status(std::iter::empty());
+                unchanged.rotate_requested = previous_dkim.rotate_requested.clone();
+                unchanged
+            }
+        }
+    };
+
+    // Credentials.
+    let mut credentials_hash = previous.credentials_hash.clone();
+    let mut credentials_secret = previous.credentials_secret.clone();
+    let mut credentials_after: Option<Secret> = observed.credentials.cloned();
+    if let RelayView::Admitted { relay, .. } = observed.relay {
+        let name = secrets::credentials_secret_name(md);
+        let host = format!(
+            "{}.{}.svc",
+            super::super::relay_objects::relay_object_name(relay),
+            relay.metadata.namespace.as_deref().unwrap_or_default()
+        );
+        let port = relay.spec.listener.port;
+        let username = secrets::smtp_username(md);
+        match credentials_step(observed) {
+            CredentialsStep::Generate => match (&fresh.password, &fresh.credentials_failed) {
+                (Some(password), None) => {
+                    let secret = secrets::credentials_secret(md, &host, port, &username, password);
+                    writes.push(Write::StoreCredentials {
+                        username: username.clone(),
+                        password: password.clone(),
+                        host,
+                        port,
+                    });
+                    credentials_hash = Some(secrets::credentials_hash(&username, password));
+                    credentials_after = Some(secret);
+                    credentials_secret = Some(name);
+                }
+                _ => {
+                    credentials_hash = None;
+                    credentials_after = None;
+                }
+            },
+            CredentialsStep::Keep => {
+                credentials_secret = Some(name);
+                if let Some((_, password)) = observed.credentials.and_then(secrets::credentials_of)
+                {
+                    let desired =
+                        secrets::credentials_secret(md, &host, port, &username, &password);
+                    if observed.credentials.is_none_or(|s| s.data != desired.data) {
+                        writes.push(Write::StoreCredentials {
+                            username,
+                            password,
+                            host,
+                            port,
+                        });
+                        credentials_after = Some(desired);
+                    }
+                }
+            }
+            CredentialsStep::Forget => {
+                credentials_hash = None;
+                credentials_after = None;
+            }
+            CredentialsStep::Refuse | CredentialsStep::Untouched => {
+                credentials_secret = Some(name);
+            }
+        }
+    }
+
+    // Records for the keys as they are now; new keys are Unchecked until
+    // the next check, which their new records make due at once.
+    let expected_now = dns::expected_records(
+        &md.spec.domain,
+        &md.spec,
+        &dkim_status.keys,
+        observed.relay.spf(),
+    );
+    let outcomes_now: Vec<RecordOutcome> = expected_now
+        .iter()
+        .map(|record| RecordOutcome {
+            record: record.clone(),
+            verdict: observed
+                .dns
+                .iter()
+                .find(|o| same_record(&o.record, record))
+                .and_then(|o| o.verdict.clone()),
+        })
+        .collect();
+    let records = dns::record_statuses(&outcomes_now, &previous.records, &now_time);
+
+    let last_checked = match &previous.last_checked {
+        Some(last)
+            if records == previous.records && now.duration_since(last.0) < LAST_CHECKED_REFRESH =>
+        {
+            Some(last.clone())
+        }
+        _ if records.iter().any(|r| r.state != RecordState::Unchecked) => Some(now_time.clone()),
+        _ => previous.last_checked.clone(),
+    };
+
+    // Conditions: first without the relay's verdict (which depends on the
+    // DKIM and conflict verdicts), then with it.
+    let mut facts = DomainFacts {
+        generation,
+        domain: &md.spec.domain,
+        keys: &dkim_status.keys,
+        keys_problem,
+        records: &records,
+        relay: RelayFacts::NotRequested,
+        conflict_with: None,
+        now: now_time.clone(),
+    };
+    let provisional = conditions(&facts, &previous.conditions);
+    facts.conflict_with = conflict_owner(md, &provisional, observed.claimants);
+    let mut desired = MailDomainStatus {
+        observed_generation: generation,
+        conditions: conditions(&facts, &previous.conditions),
+        dkim: Some(dkim_status.clone()),
+        records: records.clone(),
+        last_checked,
+        keys_secret: Some(secret_name),
+        credentials_secret,
+        credentials_hash,
+    };
+    facts.relay = relay_facts(observed, &desired, credentials_after.as_ref(), &stored);
+    desired.conditions = conditions(&facts, &previous.conditions);
+
+    if md.status.as_ref() != Some(&desired) {
+        writes.push(Write::Status(Box::new(desired.clone())));
+    }
+
+    // Only once status says Retired may the private keys go.
+    if let Some(plan) = &plan {
+        let before = stored.len();
+        stored.retain(|selector, _| !plan.remove_private_keys.contains(selector));
+        if stored.len() != before {
+            writes.push(Write::RemovePrivateKeys(stored));
+        }
+    }
+
+    events.extend(change_notes(previous, &desired, plan.as_ref()));
+    Ok(Decision {
+        writes,
+        status: desired,
+        events,
+        wake_at: plan.as_ref().and_then(|p| p.wake_at),
+        rotations,
+    })
+}
+
+/// The MailDomain (`namespace/name`) that owns this domain, when another
+/// one does: the claim owner among the other claimants and this one with
+/// the conditions it is about to have.
+fn conflict_owner(
+    md: &MailDomain,
+    conditions: &[Condition],
+    claimants: &[Arc<MailDomain>],
+) -> Option<String> {
+    let me = ObjectRef::from_obj(md);
+    let mut as_decided = md.clone();
+    as_decided.status = Some(MailDomainStatus {
+        conditions: conditions.to_vec(),
+        ..MailDomainStatus::default()
+    });
+    let others = claimants
+        .iter()
+        .map(|other| &**other)
+        .filter(|other| ObjectRef::from_obj(*other) != me);
+    let owner = claim_owner(others.chain(std::iter::once(&as_decided)))?;
+    (owner != me).then(|| {
+        format!(
+            "{}/{}",
+            owner.namespace.as_deref().unwrap_or_default(),
+            owner.name
+        )
+    })
+}
+
+/// `RelayAccepted`: the relay membership of the MailDomain as it will be
+/// once this decision is carried out.
+fn relay_facts(
+    observed: &Observed<'_>,
+    desired: &MailDomainStatus,
+    credentials: Option<&Secret>,
+    stored_keys: &BTreeMap<String, PrivateKeyPem>,
+) -> RelayFacts {
+    let md = observed.domain;
+    let relay_id = membership::relay_of(md)
+        .map(|r| membership::relay_id(&r))
+        .unwrap_or_default();
+    let (relay, labels) = match observed.relay {
+        RelayView::NotRequested => return RelayFacts::NotRequested,
+        RelayView::NotFound { .. } => {
+            return refused(md, &relay_id, &LeftOut::RelayNotFound);
+        }
+        RelayView::Refused { why } => {
+            return refused(
+                md,
+                &relay_id,
+                &LeftOut::NamespaceNotAllowed(why.to_string()),
+            );
+        }
+        RelayView::Admitted {
+            relay,
+            namespace_labels,
+        } => (relay, namespace_labels),
+    };
+    let mut as_decided = md.clone();
+    as_decided.status = Some(desired.clone());
+    let keys_after = match observed.keys {
+        KeySecret::Ours(_) | KeySecret::Absent => Some(secrets::keys_secret(md, stored_keys)),
+        KeySecret::NotOurs => None,
+    };
+    let verdict = membership::membership(&Candidate {
+        domain: &as_decided,
+        relay: Some(relay),
+        namespace_labels: labels,
+        key_secret: keys_after.as_ref(),
+        credentials_secret: credentials,
+    });
+    match verdict {
+        Ok(_) if observed.no_room => refused(md, &relay_id, &LeftOut::ConfigFull),
+        Ok(_) => RelayFacts::Accepted { relay: relay_id },
+        Err(why) => refused(md, &relay_id, &why),
+    }
+}
+
+fn refused(md: &MailDomain, relay: &str, why: &LeftOut) -> RelayFacts {
+    RelayFacts::Refused {
+        reason: why.reason(),
+        message: why.describe(md, relay),
+    }
+}
+
+/// Events for what changed: key lifecycle steps from the plan, Secrets we
+/// will not touch, and record verdicts that flipped.
+fn change_notes(
+    previous: &MailDomainStatus,
+    desired: &MailDomainStatus,
+    plan: Option<&RotationPlan>,
+) -> Vec<Note> {
+    let mut notes = Vec::new();
+    let reported_before = |reason: Reason| {
+        Condition::find(&previous.conditions, ConditionType::KeysReady)
+            .is_some_and(|c| c.has_reason(reason))
+    };
+    for event in plan.iter().flat_map(|p| p.events.iter()) {
+        if matches!(event, RotationEvent::ActiveKeyMissing { .. })
+            && (reported_before(Reason::ActiveKeyMissing)
+                || reported_before(Reason::ActiveKeyTampered))
+        {
+            continue;
+        }
+        notes.push(Note {
+            warning: event.is_warning(),
+            reason: event.reason(),
+            action: "Rotate",
+            message: event.to_string(),
+        });
+    }
+    for (reason, action) in [
+        (Reason::SecretNotOwned, "StoreKeys"),
+        (Reason::ActiveKeyTampered, "CheckKeys"),
+    ] {
+        if let Some(c) = Condition::find(&desired.conditions, ConditionType::KeysReady)
+            && c.has_reason(reason)
+            && !reported_before(reason)
+        {
+            notes.push(Note {
+                warning: true,
+                reason: reason.as_str(),
+                action,
+                message: c.message.clone(),
+            });
+        }
+    }
+    if let Some(c) = Condition::find(&desired.conditions, ConditionType::RelayAccepted)
+        && c.status == ConditionStatus::False
+        && (c.has_reason(Reason::CredentialsTampered)
+            || c.has_reason(Reason::CredentialsSecretNotOwned))
+        && Condition::find(&previous.conditions, ConditionType::RelayAccepted)
+            .is_none_or(|p| p.reason != c.reason)
+    {
+        notes.push(Note {
+            warning: true,
+            reason: if c.has_reason(Reason::CredentialsTampered) {
+                "CredentialsTampered"
+            } else {
+                "CredentialsSecretNotOwned"
+            },
+            action: "CheckCredentials",
+            message: c.message.clone(),
+        });
+    }
+    // A verdict that flips is news; a DNS error in between is not (the
+    // record keeps its verdict), so compare conditions, not record states.
+    for type_ in [
+        ConditionType::DkimVerified,
+        ConditionType::SpfVerified,
+        ConditionType::DmarcVerified,
+    ] {
+        let before = Condition::find(&previous.conditions, type_).map(|c| c.status);
+        let Some(after) = Condition::find(&desired.conditions, type_) else {
+            continue;
+        };
+        match (before, after.status) {
+            (Some(ConditionStatus::True), ConditionStatus::False) => notes.push(Note {
+                warning: true,
+                reason: "RecordDisappeared",
+                action: "CheckDNS",
+                message: format!(
+                    "{} is no longer verified: {}",
+                    type_.as_str(),
+                    after.message
+                ),
+            }),
+            (before, ConditionStatus::True) if before != Some(ConditionStatus::True) => {
+                notes.push(Note {
+                    warning: false,
+                    reason: "RecordVerified",
+                    action: "CheckDNS",
+                    message: format!("{}: {}", type_.as_str(), after.message),
+                });
+            }
+            _ => {}
+        }
+    }
+    notes
+}
+
+/// The Kubernetes event type of a note.
+pub fn event_type(note: &Note) -> EventType {
+    if note.warning {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    }
+}
+
+/// Statuses of the keys a decision would record, for tests and metrics.
+pub fn keys_of(status: &MailDomainStatus) -> &[crate::api::DkimKeyStatus] {
+    status
+        .dkim
+        .as_ref()
+        .map(|d: &DkimStatus| d.keys.as_slice())
+        .unwrap_or_default()
+}

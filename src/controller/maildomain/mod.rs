@@ -1,0 +1,547 @@
+//! The MailDomain controller: observe, decide, act.
+//!
+//! - **Observe**: the object (from the index), its key and credentials
+//!   Secrets (read fresh from the API server, never from a cache: a
+//!   just-stored key must not look missing), its relay and namespace (from
+//!   the index), the other claimants of its domain, and the DNS outcomes
+//!   (checked when due, see [`DnsMemo`]).
+//! - **Decide**: [`decide::decide`], pure, returns the writes in order, the
+//!   status, the events and when to look again.
+//! - **Act**: carry out the writes in order; if one fails, decide again
+//!   with the failure as an observation and carry that out, so a failing
+//!   step still ends in a status that says what is wrong.
+
+pub mod decide;
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::Event as KubeEvent;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+
+use self::decide::{Fresh, KeySecret, Needs, Observed, RelayView, Write};
+use super::membership::{admission, relay_id, relay_of};
+use super::secrets;
+use super::status::write_if_changed;
+use super::{Context, Error, FIELD_MANAGER};
+use crate::api::{
+    Condition, ConditionStatus, ConditionType, DeletionPolicy, DnsRecordStatus, MailDomain, Reason,
+    RecordState,
+};
+use crate::dkim::{self, GeneratedKey, NewKey};
+use crate::dns::{self, ExpectedRecord, RecordOutcome};
+
+/// Finalizer that lets cleanup run (key Secret, relays) before deletion.
+pub const FINALIZER: &str = "mailauth.dev/cleanup";
+
+/// The last DNS results per MailDomain, so that reconciles caused by our own
+/// writes or by Secret events do not query DNS again before it is due.
+#[derive(Default)]
+pub struct DnsMemo(Mutex<HashMap<ObjectRef<MailDomain>, MemoEntry>>);
+
+#[derive(Clone)]
+struct MemoEntry {
+    fingerprint: u64,
+    outcomes: Vec<RecordOutcome>,
+    next_check: Timestamp,
+}
+
+impl DnsMemo {
+    fn get(&self, key: &ObjectRef<MailDomain>) -> Option<MemoEntry> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: ObjectRef<MailDomain>, entry: MemoEntry) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, entry);
+    }
+
+    fn forget(&self, key: &ObjectRef<MailDomain>) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// Runs the controller until `shutdown` resolves: driven by the index's
+/// MailDomains, by what they depend on (`triggers`) and by the clock.
+pub async fn run(
+    ctx: Arc<Context>,
+    domains: impl Stream<Item = Result<MailDomain, watcher::Error>> + Send + 'static,
+    triggers: impl Stream<Item = ObjectRef<MailDomain>> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let store = ctx.index().domains.clone();
+    let clock_ticks = ctx.clock.ticks();
+    Controller::for_stream(domains, store)
+        .with_config(ControllerConfig::default().concurrency(ctx.settings.concurrency))
+        .reconcile_on(triggers)
+        .reconcile_all_on(clock_ticks)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "reconcile did not complete");
+            }
+        })
+        .await;
+}
+
+fn error_policy(domain: Arc<MailDomain>, error: &Error, ctx: Arc<Context>) -> Action {
+    let label = crate::telemetry::ReasonLabel {
+        reason: error.reason().to_string(),
+    };
+    ctx.metrics.reconcile_errors.get_or_create(&label).inc();
+    tracing::warn!(maildomain = %domain.name_any(), namespace = ?domain.namespace(), reason = error.reason(), error = %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn reconcile(domain: Arc<MailDomain>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
+    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, domain.clone(), |event| async {
+        match event {
+            Finalizer::Apply(domain) => apply(&domain, &ctx).await,
+            Finalizer::Cleanup(domain) => cleanup(&domain, &ctx).await,
+        }
+    })
+    .await;
+    use kube::runtime::finalizer::Error as FinalizerError;
+    match result {
+        Ok(action) => Ok(action),
+        // A reconcile queued before the object went away (a Secret event
+        // during deletion) finds it already gone: cleanup is done.
+        Err(FinalizerError::RemoveFinalizer(kube::Error::Api(status))) if status.code == 404 => {
+            Ok(Action::await_change())
+        }
+        Err(FinalizerError::ApplyFailed(err)) => {
+            report_failure(&domain, &err, &ctx).await;
+            Err(err)
+        }
+        Err(FinalizerError::CleanupFailed(err)) => Err(err),
+        Err(other) => Err(Error::Finalizer(other.to_string())),
+    }
+}
+
+/// A reconcile that failed for a reason that will not pass by itself (the
+/// API server refused a request: RBAC, validation) still says so in
+/// `Ready`, so a stale `Ready=True` never outlives the problem. Transient
+/// failures (timeouts, 5xx, conflicts) are retried without touching status.
+async fn report_failure(domain: &MailDomain, error: &Error, ctx: &Context) {
+    let lasting = match error {
+        Error::Kube(kube::Error::Api(status)) => {
+            (400..500).contains(&status.code) && ![404, 409, 429].contains(&status.code)
+        }
+        Error::Kube(_) | Error::KeyGenerationTask(_) => false,
+        _ => true,
+    };
+    let Some(namespace) = domain.namespace() else {
+        return;
+    };
+    if !lasting {
+        return;
+    }
+    let mut status = domain.status.clone().unwrap_or_default();
+    Condition::upsert(
+        &mut status.conditions,
+        Condition::new(
+            ConditionType::Ready,
+            ConditionStatus::False,
+            Reason::ReconcileFailed,
+            format!("the operator cannot reconcile this MailDomain: {error}"),
+            domain.meta().generation,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ctx.clock.now()),
+        ),
+    );
+    status.observed_generation = domain.meta().generation;
+    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Err(error) = write_if_changed(
+        &api,
+        domain,
+        domain.status.as_ref(),
+        &status,
+        &ctx.metrics.status_writes,
+    )
+    .await
+    {
+        tracing::warn!(%error, "could not record the failed reconcile in status");
+    }
+}
+
+/// What the shell reads before deciding.
+struct Reads {
+    keys: Option<Secret>,
+    credentials: Option<Secret>,
+}
+
+async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
+    let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
+    let now = ctx.clock.now();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let reads = Reads {
+        keys: secrets_api
+            .get_opt(&secrets::keys_secret_name(domain))
+            .await?,
+        credentials: secrets_api
+            .get_opt(&secrets::credentials_secret_name(domain))
+            .await?,
+    };
+    let index = ctx.index();
+    let relay_ref = relay_of(domain);
+    let relay = relay_ref.as_ref().and_then(|r| index.relay(r));
+    let labels = index.namespace_labels(&namespace);
+    let refused;
+    let relay_name = relay_ref.as_ref().map(relay_id).unwrap_or_default();
+    let relay_view = match (&relay_ref, &relay) {
+        (None, _) => RelayView::NotRequested,
+        (Some(_), None) => RelayView::NotFound { relay: &relay_name },
+        (Some(_), Some(relay)) => match admission(relay, &namespace, &labels) {
+            Ok(()) => RelayView::Admitted {
+                relay,
+                namespace_labels: &labels,
+            },
+            Err(why) => {
+                refused = why;
+                RelayView::Refused { why: &refused }
+            }
+        },
+    };
+    let key_secret = match &reads.keys {
+        None => KeySecret::Absent,
+        Some(secret) if secrets::is_ours(secret, domain) => KeySecret::Ours(secret),
+        Some(_) => KeySecret::NotOurs,
+    };
+    let expected = decide::records_to_check(domain, &relay_view);
+    let previous_records = domain
+        .status
+        .as_ref()
+        .map(|s| s.records.as_slice())
+        .unwrap_or_default();
+    let outcomes = dns_outcomes(domain, &expected, previous_records, now, ctx).await;
+    let claimants = index.claimants(&domain.spec.domain);
+    let me = ObjectRef::from_obj(domain);
+    let observed = Observed {
+        domain,
+        now,
+        keys: key_secret,
+        credentials: reads.credentials.as_ref(),
+        relay: relay_view,
+        dns: &outcomes,
+        claimants: &claimants,
+        no_room: ctx.projection().is_left_out_for_room(&me),
+    };
+
+    let Needs { keys, password } = decide::needs(&observed)?;
+    // Generating is the one step that is not idempotent (new random keys),
+    // so it must never act on a stale copy: a reconcile set off by our own
+    // Secret write can run before the watch has delivered the status we
+    // just wrote, and would generate a second key.
+    if !keys.is_empty() && is_stale(domain, ctx).await? {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let mut fresh = Fresh::default();
+    if !keys.is_empty() {
+        match generate(keys, ctx).await {
+            Ok(generated) => fresh.keys = generated,
+            Err(error) => fresh.keys_failed = Some(error.to_string()),
+        }
+    }
+    if password {
+        fresh.password = Some(secrets::new_password().map_err(|_| Error::Random)?);
+    }
+
+    let mut decision = decide::decide(&observed, &fresh)?;
+    let mut done = 0;
+    while done < decision.writes.len() {
+        match carry_out(&decision.writes[done], domain, &secrets_api, ctx).await {
+            Ok(()) => done += 1,
+            Err(error) => {
+                // Decide again with the failure known, and carry out what
+                // that decision adds after the writes already made.
+                let failed = &decision.writes[done];
+                match failed {
+                    Write::StoreKeys(_) if fresh.keys_failed.is_none() => {
+                        fresh.keys_failed = Some(format!("storing the keys: {error}"));
+                    }
+                    Write::StoreCredentials { .. } if fresh.credentials_failed.is_none() => {
+                        fresh.credentials_failed =
+                            Some(format!("storing the credentials: {error}"));
+                    }
+                    _ => return Err(error),
+                }
+                let made = decision.writes[..done].to_vec();
+                decision = decide::decide(&observed, &fresh)?;
+                decision.writes.retain(|write| !made.contains(write));
+                done = 0;
+            }
+        }
+    }
+    ctx.metrics.keys_generated.inc_by(fresh.keys.len() as u64);
+    if fresh.keys_failed.is_none() && decision.rotations > 0 {
+        ctx.metrics.rotations.inc();
+    }
+    for note in &decision.events {
+        publish(ctx, domain, note).await;
+    }
+    ctx.metrics.reconciles.inc();
+    ctx.metrics
+        .keys
+        .record(inventory_key(domain), decide::keys_of(&decision.status));
+
+    let next_check = ctx.dns_memo.get(&me).map(|memo| memo.next_check);
+    let wake = [decision.wake_at, next_check].into_iter().flatten().min();
+    Ok(match wake {
+        Some(at) => Action::requeue(until(now, at)),
+        None => Action::requeue(ctx.settings.recheck_interval),
+    })
+}
+
+/// One write of a decision.
+async fn carry_out(
+    write: &Write,
+    domain: &MailDomain,
+    secrets_api: &Api<Secret>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    match write {
+        Write::StoreKeys(entries) | Write::RemovePrivateKeys(entries) => {
+            let secret = secrets::keys_secret(domain, entries);
+            secrets_api
+                .patch(
+                    &secrets::keys_secret_name(domain),
+                    &apply,
+                    &Patch::Apply(&secret),
+                )
+                .await?;
+            ctx.metrics.secret_writes.inc();
+        }
+        Write::StoreCredentials {
+            username,
+            password,
+            host,
+            port,
+        } => {
+            let secret = secrets::credentials_secret(domain, host, *port, username, password);
+            secrets_api
+                .patch(
+                    &secrets::credentials_secret_name(domain),
+                    &apply,
+                    &Patch::Apply(&secret),
+                )
+                .await?;
+            ctx.metrics.secret_writes.inc();
+        }
+        Write::Status(status) => {
+            let api: Api<MailDomain> = Api::namespaced(
+                ctx.client.clone(),
+                &domain.namespace().ok_or(Error::NotNamespaced)?,
+            );
+            write_if_changed(
+                &api,
+                domain,
+                domain.status.as_ref(),
+                status.as_ref(),
+                &ctx.metrics.status_writes,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the API server holds a newer version of this MailDomain than the
+/// one being reconciled (a quorum read, not the cache).
+async fn is_stale(domain: &MailDomain, ctx: &Context) -> Result<bool, Error> {
+    let api: Api<MailDomain> = Api::namespaced(
+        ctx.client.clone(),
+        &domain.namespace().ok_or(Error::NotNamespaced)?,
+    );
+    let fresh = api.get_opt(&domain.name_any()).await?;
+    Ok(fresh.is_none_or(|fresh| fresh.resource_version() != domain.resource_version()))
+}
+
+/// Generates keys on the bounded blocking pool.
+async fn generate(requests: Vec<NewKey>, ctx: &Context) -> Result<Vec<(GeneratedKey, u32)>, Error> {
+    let mut generated = Vec::with_capacity(requests.len());
+    for request in requests {
+        let _permit = ctx
+            .key_generation
+            .acquire()
+            .await
+            .map_err(|_| Error::Finalizer("shutting down".into()))?;
+        let generation = request.generation;
+        let key = tokio::task::spawn_blocking(move || dkim::generate(&request)).await??;
+        generated.push((key, generation));
+    }
+    Ok(generated)
+}
+
+fn until(now: Timestamp, at: Timestamp) -> Duration {
+    let wait = at.duration_since(now);
+    Duration::try_from(wait)
+        .unwrap_or(Duration::ZERO)
+        .max(Duration::from_secs(1))
+}
+
+/// The DNS results for `expected`, queried only when due: when the records
+/// changed, or when the backoff (unverified) or recheck interval (verified)
+/// has passed on the injected clock.
+async fn dns_outcomes(
+    domain: &MailDomain,
+    expected: &[ExpectedRecord],
+    previous: &[DnsRecordStatus],
+    now: Timestamp,
+    ctx: &Context,
+) -> Vec<RecordOutcome> {
+    let key = ObjectRef::from_obj(domain);
+    let fingerprint = fingerprint(expected);
+    if let Some(memo) = ctx.dns_memo.get(&key)
+        && memo.fingerprint == fingerprint
+        && now < memo.next_check
+    {
+        return memo.outcomes;
+    }
+    let outcomes = dns::check_records(&ctx.dns, expected).await;
+    for outcome in &outcomes {
+        if let Some(verdict) = &outcome.verdict {
+            let label = crate::telemetry::ResultLabel {
+                result: format!("{:?}", verdict.record_state()),
+            };
+            ctx.metrics.dns_checks.get_or_create(&label).inc();
+        }
+    }
+    let next_check = now + next_check_delay(&outcomes, previous, now, ctx);
+    ctx.dns_memo.put(
+        key,
+        MemoEntry {
+            fingerprint,
+            outcomes: outcomes.clone(),
+            next_check,
+        },
+    );
+    outcomes
+}
+
+fn fingerprint(expected: &[ExpectedRecord]) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    for record in expected {
+        (&record.name, record.record_type.to_string(), &record.value).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// Unverified records are re-checked after about as long as they have been
+/// unverified (so the delay doubles), from `dns_retry_min` (30 s) to
+/// `dns_retry_max` (10 min); verified domains after `recheck_interval`. Jitter
+/// of ±10% keeps 10,000 domains from checking in lockstep.
+fn next_check_delay(
+    outcomes: &[RecordOutcome],
+    previous: &[DnsRecordStatus],
+    now: Timestamp,
+    ctx: &Context,
+) -> SignedDuration {
+    let settings = &ctx.settings;
+    let unverified: Vec<&RecordOutcome> = outcomes
+        .iter()
+        .filter(|o| o.verdict.as_ref().is_some_and(|v| !v.is_verified()))
+        .collect();
+    let base = if unverified.is_empty() {
+        settings.recheck_interval
+    } else {
+        let longest = unverified
+            .iter()
+            .filter_map(|o| {
+                previous
+                    .iter()
+                    .find(|p| {
+                        p.name == o.record.name
+                            && p.value == o.record.value
+                            && p.state != RecordState::Verified
+                    })
+                    .and_then(|p| p.since.as_ref())
+                    .map(|since| {
+                        Duration::try_from(now.duration_since(since.0)).unwrap_or(Duration::ZERO)
+                    })
+            })
+            .max()
+            .unwrap_or(Duration::ZERO);
+        longest.clamp(settings.dns_retry_min, settings.dns_retry_max)
+    };
+    let jitter = 0.9 + fastrand::f64() * 0.2;
+    SignedDuration::try_from(base.mul_f64(jitter)).unwrap_or(SignedDuration::from_secs(30))
+}
+
+async fn cleanup(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
+    let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
+    let me = ObjectRef::from_obj(domain);
+    // The domain leaves its relay before the finalizer lets go, so the relay
+    // never signs for a domain that no longer exists: the projection sees
+    // the deletion and rewrites the shard, and cleanup waits for that.
+    if !ctx
+        .projection()
+        .until_not_served(&me, Duration::from_secs(30))
+        .await
+    {
+        return Err(Error::StillServed);
+    }
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = secrets::keys_secret_name(domain);
+    if let Some(secret) = secrets_api.get_opt(&name).await?
+        && secrets::is_ours(&secret, domain)
+    {
+        match domain.spec.deletion_policy {
+            // Deleted here rather than left to the garbage collector, so the
+            // keys are gone when the MailDomain is.
+            DeletionPolicy::Delete => {
+                secrets_api.delete(&name, &DeleteParams::default()).await?;
+            }
+            DeletionPolicy::Retain => {
+                let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+                secrets_api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+        }
+    }
+    ctx.dns_memo.forget(&me);
+    ctx.metrics.keys.forget(&inventory_key(domain));
+    Ok(Action::await_change())
+}
+
+async fn publish(ctx: &Context, domain: &MailDomain, note: &decide::Note) {
+    let event = KubeEvent {
+        type_: decide::event_type(note),
+        reason: note.reason.to_string(),
+        note: Some(note.message.clone()),
+        action: note.action.to_string(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &domain.object_ref(&())).await {
+        tracing::warn!(error = %err, reason = note.reason, "could not publish event");
+    }
+}
+
+fn inventory_key(domain: &MailDomain) -> String {
+    format!(
+        "{}/{}",
+        domain.namespace().unwrap_or_default(),
+        domain.name_any()
+    )
+}
