@@ -233,6 +233,18 @@ pub fn membership(candidate: &Candidate<'_>) -> Result<DomainConfig, LeftOut> {
         return Err(LeftOut::InConflict);
     }
 
+    // The credentials first: a Secret in the way is something the tenant
+    // must fix, and says so even before DNS is verified.
+    let recorded = status.credentials_hash.as_deref();
+    match secrets::check_credentials(candidate.credentials_secret, md, recorded) {
+        CredentialsCheck::Matches => {}
+        CredentialsCheck::Missing => return Err(LeftOut::CredentialsMissing),
+        CredentialsCheck::NotOwned => return Err(LeftOut::CredentialsNotOwned),
+        CredentialsCheck::NotRecorded => return Err(LeftOut::CredentialsNotRecorded),
+        CredentialsCheck::Tampered => return Err(LeftOut::CredentialsTampered),
+    }
+    let password_hash = recorded.ok_or(LeftOut::CredentialsNotRecorded)?.to_string();
+
     let active: Vec<_> = status
         .dkim
         .iter()
@@ -272,16 +284,6 @@ pub fn membership(candidate: &Candidate<'_>) -> Result<DomainConfig, LeftOut> {
             private_key_pem: pem.expose_secret().to_string(),
         });
     }
-
-    let recorded = status.credentials_hash.as_deref();
-    match secrets::check_credentials(candidate.credentials_secret, md, recorded) {
-        CredentialsCheck::Matches => {}
-        CredentialsCheck::Missing => return Err(LeftOut::CredentialsMissing),
-        CredentialsCheck::NotOwned => return Err(LeftOut::CredentialsNotOwned),
-        CredentialsCheck::NotRecorded => return Err(LeftOut::CredentialsNotRecorded),
-        CredentialsCheck::Tampered => return Err(LeftOut::CredentialsTampered),
-    }
-    let password_hash = recorded.ok_or(LeftOut::CredentialsNotRecorded)?.to_string();
 
     let relay_default = relay.spec.limits.messages_per_minute;
     let entry = DomainEntry {

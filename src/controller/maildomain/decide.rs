@@ -510,7 +510,8 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
         }
     }
 
-    events.extend(change_notes(previous, &desired, plan.as_ref()));
+    let keys_made = fresh.keys_failed.is_none();
+    events.extend(change_notes(previous, &desired, plan.as_ref(), keys_made));
     Ok(Decision {
         writes,
         status: desired,
@@ -610,6 +611,7 @@ fn change_notes(
     previous: &MailDomainStatus,
     desired: &MailDomainStatus,
     plan: Option<&RotationPlan>,
+    keys_made: bool,
 ) -> Vec<Note> {
     let mut notes = Vec::new();
     let reported_before = |reason: Reason| {
@@ -617,6 +619,10 @@ fn change_notes(
             .is_some_and(|c| c.has_reason(reason))
     };
     for event in plan.iter().flat_map(|p| p.events.iter()) {
+        // A key that could not be made or stored was not generated.
+        if !keys_made && matches!(event, RotationEvent::Generated { .. }) {
+            continue;
+        }
         if matches!(event, RotationEvent::ActiveKeyMissing { .. })
             && (reported_before(Reason::ActiveKeyMissing)
                 || reported_before(Reason::ActiveKeyTampered))
@@ -716,4 +722,445 @@ pub fn keys_of(status: &MailDomainStatus) -> &[crate::api::DkimKeyStatus] {
         .as_ref()
         .map(|d: &DkimStatus| d.keys.as_slice())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{KeyState, MailDomainSpec, MailRelaySpec, RecordPurpose};
+    use crate::dkim::NewKey;
+    use crate::dns::records::dkim_record_name;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn domain() -> MailDomain {
+        let spec: MailDomainSpec = serde_json::from_value(serde_json::json!({
+            "domain": "acme.example",
+            "relayRef": {"name": "shared", "namespace": "mail"},
+            "dkim": {"algorithm": "Ed25519"},
+        }))
+        .unwrap();
+        let mut md = MailDomain::new("acme", spec);
+        md.metadata.namespace = Some("tenant".into());
+        md.metadata.uid = Some("uid-1".into());
+        md.metadata.generation = Some(1);
+        md
+    }
+
+    fn relay() -> MailRelay {
+        let spec: MailRelaySpec = serde_json::from_value(serde_json::json!({
+            "hostname": "relay.platform.test",
+            "upstream": {"host": "smtp.platform.test"},
+            "spf": {"egressIPs": ["192.0.2.10"]},
+            "allowedNamespaces": {"from": "All"},
+        }))
+        .unwrap();
+        let mut relay = MailRelay::new("shared", spec);
+        relay.metadata.namespace = Some("mail".into());
+        relay
+    }
+
+    fn new_key(selector: &str) -> GeneratedKey {
+        dkim::generate(&NewKey {
+            selector: selector.into(),
+            algorithm: crate::api::KeyAlgorithm::Ed25519,
+            size: None,
+            generation: 1,
+        })
+        .unwrap()
+    }
+
+    /// What a test sees: everything `Observed` borrows, owned.
+    struct World {
+        md: MailDomain,
+        keys: Option<Secret>,
+        credentials: Option<Secret>,
+        relay: MailRelay,
+        labels: BTreeMap<String, String>,
+        dns: Vec<RecordOutcome>,
+        now: Timestamp,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                md: domain(),
+                keys: None,
+                credentials: None,
+                relay: relay(),
+                labels: BTreeMap::new(),
+                dns: Vec::new(),
+                now: at(0),
+            }
+        }
+
+        fn observed(&self) -> Observed<'_> {
+            Observed {
+                domain: &self.md,
+                now: self.now,
+                keys: match &self.keys {
+                    None => KeySecret::Absent,
+                    Some(secret) if secrets::is_ours(secret, &self.md) => KeySecret::Ours(secret),
+                    Some(_) => KeySecret::NotOurs,
+                },
+                credentials: self.credentials.as_ref(),
+                relay: RelayView::Admitted {
+                    relay: &self.relay,
+                    namespace_labels: &self.labels,
+                },
+                dns: &self.dns,
+                claimants: &[],
+                no_room: false,
+            }
+        }
+
+        /// Decides with fresh material for whatever is needed, and carries
+        /// the writes out on the world (the API server's part).
+        fn step(&mut self, keys: &[&str]) -> Decision {
+            let needs = needs(&self.observed()).unwrap();
+            let fresh = Fresh {
+                keys: needs
+                    .keys
+                    .iter()
+                    .zip(keys)
+                    .map(|(request, selector)| {
+                        let mut key = new_key(&request.selector);
+                        key.selector = (*selector).to_string();
+                        (key, request.generation)
+                    })
+                    .collect(),
+                password: needs.password.then(|| "p".repeat(64)),
+                ..Fresh::default()
+            };
+            let decision = decide(&self.observed(), &fresh).unwrap();
+            self.carry_out(&decision);
+            decision
+        }
+
+        fn carry_out(&mut self, decision: &Decision) {
+            for write in &decision.writes {
+                match write {
+                    Write::StoreKeys(entries) | Write::RemovePrivateKeys(entries) => {
+                        self.keys = Some(secrets::keys_secret(&self.md, entries));
+                    }
+                    Write::StoreCredentials {
+                        username,
+                        password,
+                        host,
+                        port,
+                    } => {
+                        self.credentials = Some(secrets::credentials_secret(
+                            &self.md, host, *port, username, password,
+                        ));
+                    }
+                    Write::Status(status) => self.md.status = Some((**status).clone()),
+                }
+            }
+        }
+
+        /// DNS answers for what the status asks now: `verified` selectors'
+        /// records verified, every other record missing.
+        fn dns_says(&mut self, verified: &[&str]) {
+            let expected = records_to_check(&self.md, &self.observed().relay);
+            self.dns = expected
+                .into_iter()
+                .map(|record| {
+                    let ok = match &record.requirement {
+                        Requirement::DkimPublicKey { selector, .. } => {
+                            verified.contains(&selector.as_str())
+                        }
+                        Requirement::MayBeRemoved => {
+                            return RecordOutcome {
+                                record,
+                                verdict: None,
+                            };
+                        }
+                        _ => true,
+                    };
+                    RecordOutcome {
+                        record,
+                        verdict: Some(if ok {
+                            Verdict::Verified
+                        } else {
+                            Verdict::Missing {
+                                reason: "no TXT".into(),
+                            }
+                        }),
+                    }
+                })
+                .collect();
+        }
+
+        fn condition(&self, type_: ConditionType) -> &Condition {
+            Condition::find(&self.md.status.as_ref().unwrap().conditions, type_).unwrap()
+        }
+
+        fn active(&self) -> Vec<String> {
+            keys_of(self.md.status.as_ref().unwrap())
+                .iter()
+                .filter(|k| k.state == KeyState::Active)
+                .map(|k| k.selector.clone())
+                .collect()
+        }
+    }
+
+    fn kinds(decision: &Decision) -> Vec<&'static str> {
+        decision
+            .writes
+            .iter()
+            .map(|w| match w {
+                Write::StoreKeys(_) => "StoreKeys",
+                Write::StoreCredentials { .. } => "StoreCredentials",
+                Write::Status(_) => "Status",
+                Write::RemovePrivateKeys(_) => "RemovePrivateKeys",
+            })
+            .collect()
+    }
+
+    /// A domain onboarded to Ready: key stored, credentials stored, status.
+    fn ready_world() -> World {
+        let mut world = World::new();
+        let first = world.step(&["ma20270115a"]);
+        assert_eq!(
+            kinds(&first),
+            ["StoreKeys", "StoreCredentials", "Status"],
+            "keys and credentials are stored before the status names them"
+        );
+        world.dns_says(&["ma20270115a"]);
+        world.step(&[]);
+        assert_eq!(world.active(), ["ma20270115a"]);
+        assert_eq!(
+            world.condition(ConditionType::Ready).status,
+            ConditionStatus::True
+        );
+        assert!(
+            world
+                .condition(ConditionType::RelayAccepted)
+                .has_reason(Reason::Accepted)
+        );
+        world
+    }
+
+    #[test]
+    fn onboarding_stores_before_naming_and_then_changes_nothing() {
+        let mut world = ready_world();
+        let again = world.step(&[]);
+        assert!(again.writes.is_empty(), "{:?}", kinds(&again));
+        assert!(again.events.is_empty(), "{:?}", again.events);
+    }
+
+    #[test]
+    fn a_key_that_could_not_be_made_is_never_named_and_the_status_says_why() {
+        let mut world = World::new();
+        let needs = needs(&world.observed()).unwrap();
+        assert_eq!(needs.keys.len(), 1);
+        let failed = Fresh {
+            keys_failed: Some("storing the keys: 500".into()),
+            password: Some("p".repeat(64)),
+            ..Fresh::default()
+        };
+        let decision = decide(&world.observed(), &failed).unwrap();
+        assert!(!kinds(&decision).contains(&"StoreKeys"));
+        world.carry_out(&decision);
+        assert!(keys_of(world.md.status.as_ref().unwrap()).is_empty());
+        let keys = world.condition(ConditionType::KeysReady);
+        assert!(keys.has_reason(Reason::KeyGenerationFailed), "{keys:?}");
+        assert!(keys.message.contains("500"));
+        assert_eq!(
+            world.condition(ConditionType::Ready).status,
+            ConditionStatus::False
+        );
+    }
+
+    #[test]
+    fn an_edited_active_key_is_reported_and_not_replaced_or_served() {
+        let mut world = ready_world();
+        let other = new_key("ma20270115a");
+        world.keys = Some(secrets::keys_secret(
+            &world.md,
+            &BTreeMap::from([("ma20270115a".to_string(), other.private_key_pem)]),
+        ));
+        let decision = world.step(&["never-made"]);
+        assert!(
+            !kinds(&decision).contains(&"StoreKeys"),
+            "no replacement key"
+        );
+        assert!(
+            world
+                .condition(ConditionType::KeysReady)
+                .has_reason(Reason::ActiveKeyTampered)
+        );
+        assert!(
+            world
+                .condition(ConditionType::RelayAccepted)
+                .has_reason(Reason::KeySecretProblem)
+        );
+        assert_eq!(
+            world.condition(ConditionType::Ready).status,
+            ConditionStatus::False
+        );
+        assert_eq!(
+            world.active(),
+            ["ma20270115a"],
+            "the Active key stays Active"
+        );
+        assert!(
+            decision
+                .events
+                .iter()
+                .any(|e| e.reason == "ActiveKeyTampered")
+        );
+        let again = world.step(&[]);
+        assert!(
+            again.writes.is_empty() && again.events.is_empty(),
+            "reported once"
+        );
+    }
+
+    #[test]
+    fn credentials_the_tenant_changed_are_not_adopted_and_take_the_domain_off_the_relay() {
+        let mut world = ready_world();
+        let username = secrets::smtp_username(&world.md);
+        world.credentials = Some(secrets::credentials_secret(
+            &world.md,
+            "h",
+            587,
+            &username,
+            "chosen-by-the-tenant",
+        ));
+        let decision = world.step(&[]);
+        assert!(!kinds(&decision).contains(&"StoreCredentials"));
+        let accepted = world.condition(ConditionType::RelayAccepted);
+        assert!(
+            accepted.has_reason(Reason::CredentialsTampered),
+            "{accepted:?}"
+        );
+        assert!(accepted.message.contains("acme-smtp"));
+        assert_eq!(
+            world.condition(ConditionType::Ready).status,
+            ConditionStatus::False
+        );
+        assert_eq!(
+            world.md.status.as_ref().unwrap().credentials_hash,
+            Some(secrets::credentials_hash(&username, &"p".repeat(64))),
+            "the recorded hash is the operator's"
+        );
+        // Deleting the Secret gets new credentials, in two steps: the record
+        // is forgotten first, so a crash can never look like tampering.
+        world.credentials = None;
+        let forget = world.step(&[]);
+        assert_eq!(kinds(&forget), ["Status"]);
+        assert!(world.md.status.as_ref().unwrap().credentials_hash.is_none());
+        let regenerate = world.step(&[]);
+        assert_eq!(kinds(&regenerate), ["StoreCredentials", "Status"]);
+        assert_eq!(
+            world.condition(ConditionType::Ready).status,
+            ConditionStatus::True
+        );
+    }
+
+    #[test]
+    fn a_foreign_secret_in_the_way_is_never_written_and_status_still_says_so() {
+        let mut world = World::new();
+        let mut foreign = secrets::credentials_secret(&world.md, "h", 1, "x", "y");
+        foreign.metadata.labels = None;
+        foreign.metadata.owner_references = None;
+        world.credentials = Some(foreign.clone());
+        let decision = world.step(&["ma20270115a"]);
+        assert!(!kinds(&decision).contains(&"StoreCredentials"));
+        assert_eq!(world.credentials, Some(foreign));
+        assert!(
+            world
+                .condition(ConditionType::RelayAccepted)
+                .has_reason(Reason::CredentialsSecretNotOwned)
+        );
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_old_key_signing_until_the_new_one_verifies() {
+        let mut world = ready_world();
+        world
+            .md
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(ROTATE_ANNOTATION.into(), "now".into());
+        world.now = at(60);
+        let rotate = world.step(&["ma20270115b"]);
+        assert_eq!(kinds(&rotate), ["StoreKeys", "Status"]);
+        assert_eq!(rotate.rotations, 1);
+        assert_eq!(world.active(), ["ma20270115a"]);
+        assert_eq!(
+            world.condition(ConditionType::Ready).status,
+            ConditionStatus::True
+        );
+        world.dns_says(&["ma20270115a", "ma20270115b"]);
+        world.step(&[]);
+        assert_eq!(world.active(), ["ma20270115b"]);
+        // Overlap over: Retired, then the private key goes, after the status.
+        world.now = at(60 + 8 * 86_400);
+        world.dns_says(&["ma20270115a", "ma20270115b"]);
+        let retire = world.step(&[]);
+        assert_eq!(kinds(&retire), ["Status", "RemovePrivateKeys"]);
+        let stored = secrets::stored_selectors(world.keys.as_ref().unwrap());
+        assert!(!stored.contains("ma20270115a"));
+        assert!(stored.contains("ma20270115b"));
+    }
+
+    #[test]
+    fn a_verdict_of_another_claimant_at_an_older_generation_is_no_claim() {
+        let mut world = ready_world();
+        let mut other = domain();
+        other.metadata.namespace = Some("other".into());
+        other.metadata.name = Some("rival".into());
+        other.metadata.generation = Some(2);
+        let mut status = world.md.status.clone().unwrap();
+        for condition in &mut status.conditions {
+            condition.last_transition_time = Time(at(-1000));
+        }
+        other.status = Some(status);
+        let claimants = vec![Arc::new(other.clone())];
+        let observed = Observed {
+            claimants: &claimants,
+            ..world.observed()
+        };
+        let decision = decide(&observed, &Fresh::default()).unwrap();
+        assert!(
+            Condition::find(&decision.status.conditions, ConditionType::DomainConflict)
+                .is_some_and(|c| c.status == ConditionStatus::False),
+            "a rival's verdict for generation 1 when it is at 2 claims nothing"
+        );
+        // The same rival, verified at its current generation and earlier,
+        // owns the domain.
+        other.metadata.generation = Some(1);
+        let claimants = vec![Arc::new(other)];
+        let observed = Observed {
+            claimants: &claimants,
+            ..world.observed()
+        };
+        let decision = decide(&observed, &Fresh::default()).unwrap();
+        assert!(
+            Condition::find(&decision.status.conditions, ConditionType::DomainConflict)
+                .is_some_and(|c| c.status == ConditionStatus::True)
+        );
+        assert!(
+            Condition::find(&decision.status.conditions, ConditionType::RelayAccepted)
+                .is_some_and(|c| c.has_reason(Reason::DomainConflict))
+        );
+        world.dns.clear();
+    }
+
+    #[test]
+    fn records_are_named_for_the_domain_of_the_spec() {
+        let world = ready_world();
+        let status = world.md.status.as_ref().unwrap();
+        let dkim = status
+            .records
+            .iter()
+            .find(|r| r.purpose == RecordPurpose::Dkim)
+            .unwrap();
+        assert_eq!(dkim.name, dkim_record_name("ma20270115a", "acme.example"));
+    }
 }

@@ -545,3 +545,187 @@ fn inventory_key(domain: &MailDomain) -> String {
         domain.name_any()
     )
 }
+
+/// The requests a reconcile makes, against a mock API server (as kube-rs's
+/// controller-rs tests do): the order of writes is what makes a crash at
+/// any point harmless, so it is pinned here request by request. Tests
+/// against the real API server live in `tests/`.
+#[cfg(test)]
+mod mock_api_tests {
+    use super::*;
+    use crate::api::MailDomainSpec;
+    use crate::controller::{ControllerArgs, ManualClock};
+    use crate::telemetry::ControllerMetrics;
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    fn domain() -> MailDomain {
+        let spec: MailDomainSpec = serde_json::from_value(serde_json::json!({
+            "domain": "acme.example", "dkim": {"algorithm": "Ed25519"}
+        }))
+        .unwrap();
+        let mut md = MailDomain::new("acme", spec);
+        md.metadata.namespace = Some("tenant".into());
+        md.metadata.uid = Some("uid-1".into());
+        md.metadata.generation = Some(1);
+        md.metadata.resource_version = Some("7".into());
+        md
+    }
+
+    fn context() -> (Arc<Context>, Handle) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let clock = Arc::new(ManualClock::new(
+            Timestamp::from_second(1_800_000_000).unwrap(),
+        ));
+        let metrics =
+            ControllerMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let ctx = Context::new(client, clock, ControllerArgs::default(), metrics).unwrap();
+        (Arc::new(ctx), handle)
+    }
+
+    /// The DNS check is not what these tests are about: answer it from the
+    /// memo (nothing published yet).
+    fn no_dns_needed(ctx: &Context, md: &MailDomain) {
+        let expected = decide::records_to_check(md, &RelayView::NotRequested);
+        let outcomes = expected
+            .iter()
+            .map(|record| RecordOutcome {
+                record: record.clone(),
+                verdict: Some(dns::Verdict::Missing {
+                    reason: "no TXT".into(),
+                }),
+            })
+            .collect();
+        ctx.dns_memo.put(
+            ObjectRef::from_obj(md),
+            MemoEntry {
+                fingerprint: fingerprint(&expected),
+                outcomes,
+                next_check: Timestamp::MAX,
+            },
+        );
+    }
+
+    fn json(status: u16, value: serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&value).unwrap()))
+            .unwrap()
+    }
+
+    fn not_found() -> Response<Body> {
+        json(
+            404,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "reason": "NotFound", "code": 404, "message": "not found"}),
+        )
+    }
+
+    /// Answers one request; returns "METHOD path" and the body sent.
+    async fn answer(
+        handle: &mut Handle,
+        respond: impl FnOnce(&str, &serde_json::Value) -> Response<Body>,
+    ) -> (String, serde_json::Value) {
+        let (request, send) = handle.next_request().await.expect("a request");
+        let line = format!("{} {}", request.method(), request.uri().path());
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        send.send_response(respond(&line, &body));
+        (line, body)
+    }
+
+    const KEYS: &str = "/api/v1/namespaces/tenant/secrets/acme-dkim";
+    const CREDENTIALS: &str = "/api/v1/namespaces/tenant/secrets/acme-smtp";
+    const DOMAIN: &str = "/apis/mailauth.dev/v1alpha1/namespaces/tenant/maildomains/acme";
+    const STATUS: &str = "/apis/mailauth.dev/v1alpha1/namespaces/tenant/maildomains/acme/status";
+
+    #[tokio::test]
+    async fn a_new_key_is_stored_before_the_status_names_it() {
+        let (ctx, mut handle) = context();
+        let md = domain();
+        no_dns_needed(&ctx, &md);
+        let reconcile = tokio::spawn({
+            let (ctx, md) = (ctx.clone(), md.clone());
+            async move { apply(&md, &ctx).await }
+        });
+        let fresh = serde_json::to_value(&md).unwrap();
+        let mut seen = Vec::new();
+        seen.push(answer(&mut handle, |_, _| not_found()).await);
+        seen.push(answer(&mut handle, |_, _| not_found()).await);
+        // The quorum read before generating: not stale.
+        seen.push(answer(&mut handle, |_, _| json(200, fresh.clone())).await);
+        seen.push(answer(&mut handle, |_, body| json(201, body.clone())).await);
+        seen.push(answer(&mut handle, |_, _| json(200, fresh.clone())).await);
+        let lines: Vec<&str> = seen.iter().map(|(line, _)| line.as_str()).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("GET {KEYS}"),
+                format!("GET {CREDENTIALS}"),
+                format!("GET {DOMAIN}"),
+                format!("PATCH {KEYS}"),
+                format!("PATCH {STATUS}"),
+            ]
+        );
+        let stored = &seen[3].1["data"];
+        let status = &seen[4].1["status"];
+        let selector = status["dkim"]["keys"][0]["selector"].as_str().unwrap();
+        assert_eq!(status["dkim"]["keys"][0]["state"], "Pending");
+        assert!(
+            stored.get(format!("{selector}.pem")).is_some(),
+            "the key the status names is the one stored before it"
+        );
+        // The KeyGenerated event goes out last.
+        let (event, _) = answer(&mut handle, |_, body| json(201, body.clone())).await;
+        assert!(event.starts_with("POST /apis/events.k8s.io/"), "{event}");
+        reconcile.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_key_that_cannot_be_stored_is_not_named_and_status_says_why() {
+        let (ctx, mut handle) = context();
+        let md = domain();
+        no_dns_needed(&ctx, &md);
+        let reconcile = tokio::spawn({
+            let (ctx, md) = (ctx.clone(), md.clone());
+            async move { apply(&md, &ctx).await }
+        });
+        let fresh = serde_json::to_value(&md).unwrap();
+        answer(&mut handle, |_, _| not_found()).await;
+        answer(&mut handle, |_, _| not_found()).await;
+        answer(&mut handle, |_, _| json(200, fresh.clone())).await;
+        let (store, _) = answer(&mut handle, |_, _| {
+            json(
+                500,
+                serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                   "reason": "InternalError", "code": 500, "message": "etcd is sad"}),
+            )
+        })
+        .await;
+        assert_eq!(store, format!("PATCH {KEYS}"));
+        let (line, body) = answer(&mut handle, |_, _| json(200, fresh.clone())).await;
+        assert_eq!(line, format!("PATCH {STATUS}"), "status is written even so");
+        let status = &body["status"];
+        assert!(
+            status["dkim"]["keys"].as_array().is_none_or(Vec::is_empty),
+            "no key that was not stored: {status}"
+        );
+        let conditions = status["conditions"].as_array().unwrap();
+        let keys = conditions
+            .iter()
+            .find(|c| c["type"] == "KeysReady")
+            .unwrap();
+        assert_eq!(keys["reason"], "KeyGenerationFailed");
+        assert!(keys["message"].as_str().unwrap().contains("etcd is sad"));
+        let ready = conditions.iter().find(|c| c["type"] == "Ready").unwrap();
+        assert_eq!(ready["status"], "False");
+        // One warning event (no "KeyGenerated": no key was made), then done.
+        let (event, body) = answer(&mut handle, |_, body| json(201, body.clone())).await;
+        assert!(event.starts_with("POST "), "{event}");
+        assert_eq!(body["reason"], "KeyGenerationFailed");
+        reconcile.await.unwrap().unwrap();
+    }
+}
