@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mailauth_operator::api::{
     DkimKeyStatus, KeyAlgorithm, KeyState, MailDomainSpec, RecordState, SpfAuthorization,
 };
+use mailauth_operator::dkim::{NewKey, generate};
 use mailauth_operator::dns::dkim::check_dkim;
 use mailauth_operator::dns::dmarc::check_dmarc;
 use mailauth_operator::dns::spf::{EgressRange, SpfProblem, SpfResult, check_spf};
@@ -23,11 +24,17 @@ use mailauth_operator::dns::{
 };
 use support::dns::{Knot, Zone};
 
-/// A random stand-in for an RSA-2048 SubjectPublicKeyInfo: 294 bytes, 392
-/// base64 characters, so its DKIM record needs two TXT strings.
-fn rsa_sized_key() -> String {
-    let bytes: Vec<u8> = (0..294).map(|_| fastrand::u8(..)).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+/// A fresh RSA-2048 key as the operator publishes it: a SubjectPublicKeyInfo
+/// of 294 bytes, 392 base64 characters, so its DKIM record needs two TXT
+/// strings. A real key: `check` parses what `p=` holds.
+fn rsa_2048_key() -> String {
+    let request = NewKey {
+        selector: "test".into(),
+        algorithm: KeyAlgorithm::Rsa,
+        size: Some(2048),
+        generation: 1,
+    };
+    generate(&request).expect("RSA key").public_key
 }
 
 struct Keys {
@@ -38,8 +45,8 @@ struct Keys {
 impl Keys {
     fn new() -> Self {
         Self {
-            good: rsa_sized_key(),
-            other: rsa_sized_key(),
+            good: rsa_2048_key(),
+            other: rsa_2048_key(),
         }
     }
 }
