@@ -14,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use mailauth_operator::api::{
     DkimKeyStatus, KeyAlgorithm, KeyState, MailDomainSpec, RecordState, SpfAuthorization,
 };
+use mailauth_operator::dkim::{NewKey, generate};
 use mailauth_operator::dns::dkim::check_dkim;
 use mailauth_operator::dns::dmarc::check_dmarc;
 use mailauth_operator::dns::spf::{EgressRange, SpfProblem, SpfResult, check_spf};
@@ -23,11 +24,17 @@ use mailauth_operator::dns::{
 };
 use support::dns::{Knot, Zone};
 
-/// A random stand-in for an RSA-2048 SubjectPublicKeyInfo: 294 bytes, 392
-/// base64 characters, so its DKIM record needs two TXT strings.
-fn rsa_sized_key() -> String {
-    let bytes: Vec<u8> = (0..294).map(|_| fastrand::u8(..)).collect();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
+/// A fresh RSA-2048 key as the operator publishes it: a SubjectPublicKeyInfo
+/// of 294 bytes, 392 base64 characters, so its DKIM record needs two TXT
+/// strings. A real key: `check` parses what `p=` holds.
+fn rsa_2048_key() -> String {
+    let request = NewKey {
+        selector: "test".into(),
+        algorithm: KeyAlgorithm::Rsa,
+        size: Some(2048),
+        generation: 1,
+    };
+    generate(&request).expect("RSA key").public_key
 }
 
 struct Keys {
@@ -38,8 +45,8 @@ struct Keys {
 impl Keys {
     fn new() -> Self {
         Self {
-            good: rsa_sized_key(),
-            other: rsa_sized_key(),
+            good: rsa_2048_key(),
+            other: rsa_2048_key(),
         }
     }
 }
@@ -120,8 +127,73 @@ fn scenario_zones(keys: &Keys) -> Vec<Zone> {
         Zone::new("monitor.test")
             .txt("@", "v=spf1 ip4:192.0.2.1 -all")
             .txt("_dmarc", "v=DMARC1; p=none"),
+        Zone::new("ruaonly.test")
+            .txt("@", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc", "v=DMARC1; rua=mailto:dmarc@ruaonly.test"),
+        Zone::new("badpolicy.test")
+            .txt("@", "v=spf1 ip4:192.0.2.1 -all")
+            .txt(
+                "_dmarc",
+                "v=DMARC1; p=bogus; rua=mailto:dmarc@badpolicy.test",
+            ),
+        Zone::new("nopolicy.test")
+            .txt("@", "v=spf1 ip4:192.0.2.1 -all")
+            .txt("_dmarc", "v=DMARC1; adkim=s"),
+        receiver_zone(),
         Zone::broken("broken.test"),
     ]
+}
+
+// Keys made with openssl by tests/fixtures/dkim/generate.sh; the private
+// halves sign the messages receivers verify below.
+const RSA_2048: &str = include_str!("fixtures/dkim/rsa-2048.spki.b64");
+const RSA_2048_PKCS1: &str = include_str!("fixtures/dkim/rsa-2048.pkcs1.b64");
+const RSA_1024: &str = include_str!("fixtures/dkim/rsa-1024.spki.b64");
+const RSA_512: &str = include_str!("fixtures/dkim/rsa-512.spki.b64");
+const ED25519: &str = include_str!("fixtures/dkim/ed25519.raw.b64");
+
+/// The domain whose selectors hold one DKIM key record per class of
+/// verdict; its SPF and DMARC are valid, so `check` passes or fails on DKIM
+/// alone.
+const RECEIVER_DOMAIN: &str = "receiver.test";
+
+/// `(selector, record)` for each class.
+fn receiver_dkim_records() -> Vec<(&'static str, String)> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    // Valid base64 that starts like an RSA SubjectPublicKeyInfo, with the
+    // last byte of the key cut off: what `check` used to call verified.
+    let mut cut = b64.decode(RSA_2048).expect("fixture is base64");
+    cut.pop();
+    let short_ed25519 = &b64.decode(ED25519).expect("fixture is base64")[..31];
+    vec![
+        ("rsa2048", format!("v=DKIM1; k=rsa; p={RSA_2048}")),
+        ("rsa1024", format!("v=DKIM1; k=rsa; p={RSA_1024}")),
+        ("rsa512", format!("v=DKIM1; k=rsa; p={RSA_512}")),
+        ("pkcs1", format!("v=DKIM1; k=rsa; p={RSA_2048_PKCS1}")),
+        ("notakey", format!("v=DKIM1; k=rsa; p={}", b64.encode(&cut))),
+        ("revoked", "v=DKIM1; k=rsa; p=".to_string()),
+        ("rsaased", format!("v=DKIM1; k=ed25519; p={RSA_2048}")),
+        ("edasrsa", format!("v=DKIM1; k=rsa; p={ED25519}")),
+        ("ed25519", format!("v=DKIM1; k=ed25519; p={ED25519}")),
+        (
+            "edshort",
+            format!("v=DKIM1; k=ed25519; p={}", b64.encode(short_ed25519)),
+        ),
+        ("sha1", format!("v=DKIM1; k=rsa; h=sha1; p={RSA_2048}")),
+        ("hashfoo", format!("v=DKIM1; k=rsa; h=foo; p={RSA_2048}")),
+        ("dsa", format!("v=DKIM1; k=dsa; p={RSA_2048}")),
+        ("dkim2", format!("v=DKIM2; k=rsa; p={RSA_2048}")),
+    ]
+}
+
+fn receiver_zone() -> Zone {
+    let mut zone = Zone::new(RECEIVER_DOMAIN)
+        .txt("@", "v=spf1 ip4:192.0.2.1 -all")
+        .txt("_dmarc", "v=DMARC1; p=reject");
+    for (selector, record) in receiver_dkim_records() {
+        zone = zone.txt(&format!("{selector}._domainkey"), &record);
+    }
+    zone
 }
 
 /// Every scenario domain, for the checkdmarc comparison.
@@ -138,7 +210,13 @@ const SCENARIO_DOMAINS: &[&str] = &[
     "nodmarc.test",
     "baddmarc.test",
     "monitor.test",
+    "ruaonly.test",
+    "receiver.test",
     "broken.test",
+    // Not compared: nopolicy.test (no p=, no rua) and badpolicy.test
+    // (p=bogus with a valid rua). For both we follow RFC 7489 6.6.3, which
+    // receivers on RFC 7489 apply (invalid, and p=none); checkdmarc 6
+    // follows RFC 9989 (p=none, and invalid).
 ];
 
 fn start(keys: &Keys) -> Knot {
@@ -798,4 +876,489 @@ fn egress_ranges_from_the_cli_reject_garbage() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not-an-ip"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------
+// DKIM and DMARC verdicts a receiver shares: each class checked by the
+// library, by `mailauth-operator check` run as a process, and where a real
+// verifier can tell, by that verifier (dkimpy, OpenDKIM).
+
+/// What `mailauth-operator check` says about one selector of
+/// receiver.test: its exit status, its text report and its JSON entry.
+struct CliVerdict {
+    success: bool,
+    text: String,
+    dkim: serde_json::Value,
+}
+
+fn cli_check(knot: &Knot, domain: &str, selector: &str, output: &str) -> std::process::Output {
+    binary()
+        .args(["check", domain, "--selector", selector])
+        .args(["--dns-server", &format!("127.0.0.1:{}", knot.port())])
+        .args(["--output", output])
+        .output()
+        .expect("running check")
+}
+
+fn cli_dkim_verdict(knot: &Knot, selector: &str) -> CliVerdict {
+    let text = cli_check(knot, RECEIVER_DOMAIN, selector, "text");
+    let json = cli_check(knot, RECEIVER_DOMAIN, selector, "json");
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON report");
+    assert_eq!(
+        text.status.success(),
+        json.status.success(),
+        "the exit status does not depend on the format"
+    );
+    CliVerdict {
+        success: text.status.success(),
+        text: String::from_utf8(text.stdout).expect("utf-8"),
+        dkim: report["domains"][0]["dkim"][0].clone(),
+    }
+}
+
+/// The library and the binary both call the record at `selector` a
+/// mismatch whose problem contains `problem`.
+async fn assert_dkim_mismatch(knot: &Knot, selector: &str, problem: &str) {
+    let outcome = check_dkim(&resolver(knot), RECEIVER_DOMAIN, selector, None).await;
+    assert!(
+        matches!(&outcome.verdict, Verdict::Mismatch { problem: found, .. } if found.contains(problem)),
+        "{selector}: expected a mismatch saying {problem:?}, got {outcome:?}"
+    );
+    let cli = cli_dkim_verdict(knot, selector);
+    assert!(!cli.success, "check must fail:\n{}", cli.text);
+    assert_eq!(cli.dkim["verdict"]["state"], "Mismatch", "{}", cli.dkim);
+    let text_line =
+        format!("DKIM {selector} at {selector}._domainkey.{RECEIVER_DOMAIN}: mismatch: ");
+    assert!(
+        cli.text.contains(&text_line) && cli.text.contains(problem),
+        "{}",
+        cli.text
+    );
+}
+
+/// The library and the binary both verify the record at `selector`, and
+/// the binary reports exactly these warning kinds.
+async fn assert_dkim_verified(knot: &Knot, selector: &str, warnings: &[&str]) -> CliVerdict {
+    let outcome = check_dkim(&resolver(knot), RECEIVER_DOMAIN, selector, None).await;
+    assert_eq!(
+        outcome.verdict,
+        Verdict::Verified,
+        "{selector}: {outcome:?}"
+    );
+    let cli = cli_dkim_verdict(knot, selector);
+    assert!(cli.success, "check must pass:\n{}", cli.text);
+    assert_eq!(cli.dkim["verdict"]["state"], "Verified", "{}", cli.dkim);
+    let kinds: Vec<&str> = cli.dkim["warnings"]
+        .as_array()
+        .map(|all| all.iter().filter_map(|w| w["kind"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(kinds, warnings, "{}", cli.dkim);
+    assert_eq!(
+        cli.text.matches("    warning: ").count(),
+        warnings.len(),
+        "{}",
+        cli.text
+    );
+    cli
+}
+
+fn fixture_path(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dkim")
+        .join(name)
+}
+
+/// Signs a message as `RECEIVER_DOMAIN` with a fixture's private key under
+/// `selector` (both with dkimpy), then verifies it as a receiver: dkimpy
+/// fetching the key record from knot.
+const DKIMPY_SIGN_AND_VERIFY: &str = r#"
+import base64, io, logging, sys, dkim, dns.resolver
+port, domain, selector, key_path, algorithm = sys.argv[1:6]
+key = open(key_path, "rb").read()
+if algorithm == "ed25519-sha256":
+    # dkimpy signs with the bare 32-byte seed, which ends a PKCS#8 Ed25519
+    # key (RFC 8410).
+    body = b"".join(l for l in key.splitlines() if not l.startswith(b"-----"))
+    key = base64.b64encode(base64.b64decode(body)[-32:])
+message = (b"From: sender@" + domain.encode() + b"\r\nTo: someone@example.test\r\n"
+           b"Subject: key record check\r\nMessage-ID: <1@" + domain.encode() + b">\r\n\r\nHello.\r\n")
+signature = dkim.sign(message, selector.encode(), domain.encode(), key,
+                      signature_algorithm=algorithm.encode(),
+                      include_headers=[b"from", b"to", b"subject", b"message-id"])
+resolver = dns.resolver.Resolver(configure=False)
+resolver.nameservers = ["127.0.0.1"]
+resolver.port = int(port)
+resolver.cache = None
+def txt(name, timeout=5):
+    name = name.decode() if isinstance(name, bytes) else name
+    answer = resolver.resolve(name, "TXT", lifetime=timeout)
+    return b"".join(b"".join(record.strings) for record in answer)
+# dkimpy says why a signature fails only in its log.
+log = io.StringIO()
+logger = logging.getLogger("dkimpy")
+logger.addHandler(logging.StreamHandler(log))
+logger.setLevel(logging.DEBUG)
+try:
+    ok = dkim.DKIM(signature + message, logger=logger).verify(dnsfunc=txt)
+    reasons = [line for line in log.getvalue().splitlines() if not line.startswith("sig:")]
+    print("pass" if ok else "fail: " + " | ".join(reasons))
+except dkim.DKIMException as error:
+    print("fail: " + str(error))
+"#;
+
+/// dkimpy's verdict on a message signed under `selector` with the fixture
+/// key `key` (`rsa-2048`, `ed25519`, ...): `Ok` for pass, `Err(reason)`.
+fn dkimpy_verdict(knot: &Knot, selector: &str, key: &str) -> Result<(), String> {
+    let algorithm = if key == "ed25519" {
+        "ed25519-sha256"
+    } else {
+        "rsa-sha256"
+    };
+    // The system Python has the Debian packages; a pyenv shim may not.
+    let output = Command::new("/usr/bin/python3")
+        .args(["-c", DKIMPY_SIGN_AND_VERIFY, &knot.port().to_string()])
+        .args([RECEIVER_DOMAIN, selector])
+        .arg(fixture_path(&format!("{key}.key.pem")))
+        .arg(algorithm)
+        .output()
+        .expect("running python3 with dkimpy (Debian package `python3-dkim`)");
+    assert!(
+        output.status.success(),
+        "dkimpy failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let verdict = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    match verdict.as_str() {
+        "pass" => Ok(()),
+        other => Err(other.to_string()),
+    }
+}
+
+/// What OpenDKIM's `opendkim-testkey` says about the record at `selector`,
+/// compared with the fixture private key `key` when given: `Ok` when it
+/// reports `key OK`, `Err(its output)` otherwise. It asks knot through
+/// libunbound, whose stub zone points at the test server.
+fn opendkim_testkey(knot: &Knot, selector: &str, key: Option<&str>) -> Result<(), String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let unbound = dir.path().join("unbound.conf");
+    // unbound answers names under .test itself (RFC 6761) unless told not to.
+    std::fs::write(
+        &unbound,
+        format!(
+            "server:\n  do-not-query-localhost: no\n  module-config: \"iterator\"\n  \
+             local-zone: \"test.\" nodefault\nstub-zone:\n  name: \"{RECEIVER_DOMAIN}.\"\n  \
+             stub-addr: 127.0.0.1@{}\n",
+            knot.port()
+        ),
+    )
+    .expect("unbound config");
+    let config = dir.path().join("opendkim.conf");
+    std::fs::write(
+        &config,
+        format!("ResolverConfiguration {}\n", unbound.display()),
+    )
+    .expect("opendkim config");
+    let mut command = Command::new("opendkim-testkey");
+    command
+        .arg("-x")
+        .arg(&config)
+        .args(["-d", RECEIVER_DOMAIN, "-s", selector, "-vvv"]);
+    if let Some(key) = key {
+        // OpenDKIM wants a private key only its owner can read.
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.path().join("key.pem");
+        std::fs::copy(fixture_path(&format!("{key}.key.pem")), &path).expect("key copy");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("key permissions");
+        command.arg("-k").arg(path);
+    }
+    let output = command
+        .output()
+        .expect("running opendkim-testkey (Debian package `opendkim-tools`)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() && text.contains("key OK") {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+fn assert_receiver_fails(verdict: Result<(), String>, reason: &str) {
+    match verdict {
+        Ok(()) => panic!("the receiver accepted what `check` calls unusable"),
+        Err(text) => assert!(text.contains(reason), "expected {reason:?} in: {text}"),
+    }
+}
+
+#[tokio::test]
+async fn dkim_rsa_key_of_2048_bits_verifies_and_receivers_agree() {
+    let knot = start(&Keys::new());
+    let cli = assert_dkim_verified(&knot, "rsa2048", &[]).await;
+    assert_eq!(cli.dkim["keyBits"], 2048);
+    assert!(
+        cli.text.contains("verified (k=rsa, 2048 bits)"),
+        "{}",
+        cli.text
+    );
+    // The controls: the receivers used below accept a good key.
+    assert_eq!(dkimpy_verdict(&knot, "rsa2048", "rsa-2048"), Ok(()));
+    assert_eq!(opendkim_testkey(&knot, "rsa2048", Some("rsa-2048")), Ok(()));
+}
+
+#[tokio::test]
+async fn dkim_rsa_key_of_1024_bits_verifies_with_a_warning() {
+    let knot = start(&Keys::new());
+    let cli = assert_dkim_verified(&knot, "rsa1024", &["weakRsaKey"]).await;
+    assert!(cli.text.contains("has 1024 bits"), "{}", cli.text);
+    // Still usable: receivers verify it.
+    assert_eq!(dkimpy_verdict(&knot, "rsa1024", "rsa-1024"), Ok(()));
+}
+
+#[tokio::test]
+async fn dkim_rsa_key_under_1024_bits_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "rsa512", "the RSA key has 512 bits").await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "rsa512", "rsa-512"),
+        "public key too small",
+    );
+}
+
+#[tokio::test]
+async fn dkim_bare_pkcs1_key_verifies_with_a_warning_opendkim_confirms() {
+    let knot = start(&Keys::new());
+    assert_dkim_verified(&knot, "pkcs1", &["pkcs1Encoding"]).await;
+    assert_eq!(dkimpy_verdict(&knot, "pkcs1", "rsa-2048"), Ok(()));
+    // What the warning says about OpenDKIM.
+    assert_receiver_fails(
+        opendkim_testkey(&knot, "pkcs1", Some("rsa-2048")),
+        "keys do not match",
+    );
+}
+
+#[tokio::test]
+async fn dkim_p_that_is_base64_but_not_a_key_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "notakey", "is not an RSA public key").await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "notakey", "rsa-2048"),
+        "could not parse RSA public key",
+    );
+    assert_receiver_fails(
+        opendkim_testkey(&knot, "notakey", Some("rsa-2048")),
+        "keys do not match",
+    );
+}
+
+#[tokio::test]
+async fn dkim_revoked_key_is_a_mismatch_saying_revoked() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "revoked", "revoked (empty p=)").await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "revoked", "rsa-2048"),
+        "could not parse RSA public key (b'')",
+    );
+    assert_receiver_fails(opendkim_testkey(&knot, "revoked", None), "Revoked key");
+}
+
+#[tokio::test]
+async fn dkim_rsa_key_under_k_ed25519_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(
+        &knot,
+        "rsaased",
+        "k=ed25519 but p= holds an RSA key (2048 bits)",
+    )
+    .await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "rsaased", "rsa-2048"),
+        "could not parse ed25519 public key",
+    );
+}
+
+#[tokio::test]
+async fn dkim_ed25519_key_under_k_rsa_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "edasrsa", "k=rsa but p= holds an Ed25519 key").await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "edasrsa", "ed25519"),
+        "could not parse RSA public key",
+    );
+}
+
+#[tokio::test]
+async fn dkim_ed25519_key_of_32_bytes_verifies_and_receivers_agree() {
+    let knot = start(&Keys::new());
+    let cli = assert_dkim_verified(&knot, "ed25519", &[]).await;
+    assert!(cli.text.contains("verified (k=ed25519)"), "{}", cli.text);
+    assert_eq!(dkimpy_verdict(&knot, "ed25519", "ed25519"), Ok(()));
+}
+
+#[tokio::test]
+async fn dkim_ed25519_key_of_the_wrong_length_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "edshort", "p= holds 31 bytes").await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "edshort", "ed25519"),
+        "could not parse ed25519 public key",
+    );
+}
+
+#[tokio::test]
+async fn dkim_h_sha1_only_is_a_mismatch() {
+    // No independent tool here enforces h= (dkimpy ignores it and
+    // opendkim-testkey only reads the record): RFC 8301 3.1 forbids
+    // verifying rsa-sha1, and RFC 6376 6.1.2 has verifiers ignore a key
+    // whose h= omits the signature's hash.
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "sha1", "h=sha1 allows only sha1").await;
+}
+
+#[tokio::test]
+async fn dkim_unknown_hash_is_a_mismatch_opendkim_shares() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "hashfoo", "h=foo names no hash algorithm").await;
+    assert_receiver_fails(
+        opendkim_testkey(&knot, "hashfoo", None),
+        "unknown hash 'foo'",
+    );
+}
+
+#[tokio::test]
+async fn dkim_unknown_key_type_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "dsa", "unknown key type k=dsa").await;
+    assert_receiver_fails(
+        dkimpy_verdict(&knot, "dsa", "rsa-2048"),
+        "unknown algorithm in k= tag",
+    );
+    assert_receiver_fails(
+        opendkim_testkey(&knot, "dsa", None),
+        "unknown key type 'dsa'",
+    );
+}
+
+#[tokio::test]
+async fn dkim_unknown_version_is_a_mismatch_receivers_share() {
+    let knot = start(&Keys::new());
+    assert_dkim_mismatch(&knot, "dkim2", "unknown version v=DKIM2").await;
+    assert_receiver_fails(dkimpy_verdict(&knot, "dkim2", "rsa-2048"), "bad version");
+    assert_receiver_fails(
+        opendkim_testkey(&knot, "dkim2", None),
+        "invalid key version 'DKIM2'",
+    );
+}
+
+#[tokio::test]
+async fn dkim_our_key_in_a_record_receivers_cannot_use_is_not_verified() {
+    let knot = start(&Keys::new());
+    let dns = resolver(&knot);
+    let spec: MailDomainSpec =
+        serde_yaml::from_str(&format!("{{domain: {RECEIVER_DOMAIN}}}")).expect("spec");
+    // Each selector's record carries this very key, under tags receivers
+    // reject, except rsa2048.
+    let key_status: Vec<DkimKeyStatus> = ["rsa2048", "sha1", "rsaased", "dsa"]
+        .iter()
+        .map(|selector| key(selector, KeyState::Active, RSA_2048))
+        .collect();
+    let expected = expected_records(RECEIVER_DOMAIN, &spec, &key_status, None);
+    let outcomes = check_records(&dns, &expected).await;
+    let states: Vec<(&str, Option<RecordState>)> = outcomes
+        .iter()
+        .filter(|outcome| outcome.record.name.contains("._domainkey."))
+        .map(|outcome| {
+            (
+                outcome.record.name.as_str(),
+                outcome.verdict.as_ref().map(Verdict::record_state),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (
+                "rsa2048._domainkey.receiver.test",
+                Some(RecordState::Verified)
+            ),
+            ("sha1._domainkey.receiver.test", Some(RecordState::Mismatch)),
+            (
+                "rsaased._domainkey.receiver.test",
+                Some(RecordState::Mismatch)
+            ),
+            ("dsa._domainkey.receiver.test", Some(RecordState::Mismatch)),
+        ]
+    );
+}
+
+/// `check` on a domain with no selectors: DMARC (and SPF) only.
+fn cli_dmarc(knot: &Knot, domain: &str) -> (bool, String, serde_json::Value) {
+    let server = format!("127.0.0.1:{}", knot.port());
+    let run = |output: &str| {
+        binary()
+            .args(["check", domain, "--dns-server", &server, "--output", output])
+            .output()
+            .expect("running check")
+    };
+    let text = run("text");
+    let json = run("json");
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON report");
+    (
+        text.status.success(),
+        String::from_utf8(text.stdout).expect("utf-8"),
+        report["domains"][0]["dmarc"].clone(),
+    )
+}
+
+#[tokio::test]
+async fn dmarc_without_a_valid_p_but_with_a_valid_rua_is_p_none() {
+    let knot = start(&Keys::new());
+    let dns = resolver(&knot);
+    for domain in ["ruaonly.test", "badpolicy.test"] {
+        let outcome = check_dmarc(&dns, domain).await;
+        assert_eq!(outcome.verdict, Verdict::Verified, "{domain}: {outcome:?}");
+        let policy = outcome.policy.expect("parsed policy");
+        assert_eq!(policy.policy, "none");
+        assert!(policy.monitoring_only);
+        assert_eq!(policy.aggregate_reports_to, [format!("dmarc@{domain}")]);
+
+        let (success, text, dmarc) = cli_dmarc(&knot, domain);
+        assert!(success, "{text}");
+        assert!(
+            text.contains(&format!(
+                "DMARC at _dmarc.{domain}: verified (no valid p=; treated as p=none because rua is valid)"
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            dmarc["policy"]["policyFallback"],
+            "no valid p=; treated as p=none because rua is valid"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dmarc_without_a_valid_p_or_a_valid_rua_is_invalid() {
+    let knot = start(&Keys::new());
+    let dns = resolver(&knot);
+    for domain in ["nopolicy.test", "baddmarc.test"] {
+        let outcome = check_dmarc(&dns, domain).await;
+        assert!(
+            matches!(&outcome.verdict, Verdict::Mismatch { problem, .. }
+                if problem.starts_with("invalid: no valid p= and no valid rua")),
+            "{domain}: {outcome:?}"
+        );
+        let (success, text, dmarc) = cli_dmarc(&knot, domain);
+        assert!(!success, "{text}");
+        assert!(
+            text.contains(&format!(
+                "DMARC at _dmarc.{domain}: mismatch: invalid: no valid p= and no valid rua"
+            )),
+            "{text}"
+        );
+        assert_eq!(dmarc["verdict"]["state"], "Mismatch");
+    }
 }

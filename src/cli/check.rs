@@ -220,17 +220,20 @@ pub fn render_text(report: &DomainReport) -> String {
     let status = if report.passed() { "OK" } else { "FAIL" };
     let mut lines = vec![format!("{}: {status}", report.domain)];
     for dkim in &report.dkim {
-        let key_type = dkim
-            .key_type
-            .as_deref()
-            .map(|k| format!(" (k={k})"))
-            .unwrap_or_default();
+        let key = match (&dkim.key_type, dkim.key_bits) {
+            (Some(k), Some(bits)) => format!(" (k={k}, {bits} bits)"),
+            (Some(k), None) => format!(" (k={k})"),
+            (None, _) => String::new(),
+        };
         lines.push(format!(
-            "  DKIM {} at {}: {}{key_type}",
+            "  DKIM {} at {}: {}{key}",
             dkim.selector,
             dkim.name,
             dkim.verdict.summary()
         ));
+        for warning in &dkim.warnings {
+            lines.push(format!("    warning: {warning}"));
+        }
     }
     let spf = &report.spf;
     lines.push(format!(
@@ -249,8 +252,16 @@ pub fn render_text(report: &DomainReport) -> String {
         lines.push(format!("    {}: {:?}", address.ip, address.result));
     }
     let dmarc = &report.dmarc;
+    // A record receivers read as p=none although it does not say so is
+    // verified, and the verdict line says why.
+    let fallback = dmarc
+        .policy
+        .as_ref()
+        .and_then(|policy| policy.policy_fallback.as_deref())
+        .map(|reason| format!(" ({reason})"))
+        .unwrap_or_default();
     lines.push(format!(
-        "  DMARC at {}: {}",
+        "  DMARC at {}: {}{fallback}",
         dmarc.name,
         dmarc.verdict.summary()
     ));

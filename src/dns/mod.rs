@@ -60,7 +60,7 @@ async fn check_record(dns: &impl DnsLookup, record: &ExpectedRecord) -> Option<V
         Requirement::DkimPublicKey { public_key, .. } => {
             dkim::check_dkim_record(dns, &record.name, Some(public_key))
                 .await
-                .0
+                .verdict
         }
         Requirement::SpfAuthorizes(authorization) => {
             match SpfRequirement::from_authorization(authorization) {
@@ -168,6 +168,12 @@ mod tests {
     use crate::api::{DkimKeyStatus, KeyAlgorithm, KeyState, MailDomainSpec, SpfAuthorization};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+    /// An Ed25519 public key as `check` reads one: 32 bytes.
+    fn ed25519_key(fill: u8) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([fill; 32])
+    }
+
     fn key(selector: &str, state: KeyState, public_key: &str) -> DkimKeyStatus {
         DkimKeyStatus {
             selector: selector.into(),
@@ -191,13 +197,17 @@ mod tests {
             include: None,
             egress_ips: vec!["192.0.2.10".into()],
         };
+        let current = ed25519_key(2);
         let keys = [
-            key("new", KeyState::Pending, "NEWKEY"),
-            key("cur", KeyState::Active, "CURKEY"),
-            key("old", KeyState::Retired, "OLDKEY"),
+            key("new", KeyState::Pending, &ed25519_key(1)),
+            key("cur", KeyState::Active, &current),
+            key("old", KeyState::Retired, &ed25519_key(3)),
         ];
         let dns = FakeDns::default()
-            .txt("cur._domainkey.acme.test", "v=DKIM1; k=ed25519; p=CURKEY")
+            .txt(
+                "cur._domainkey.acme.test",
+                &format!("v=DKIM1; k=ed25519; p={current}"),
+            )
             .txt("acme.test", "v=spf1 mx ip4:192.0.2.0/24 -all")
             .mx("acme.test", "mx.acme.test")
             .txt("_dmarc.acme.test", "v=DMARC1; p=reject")
@@ -231,7 +241,10 @@ mod tests {
     #[tokio::test]
     async fn a_domain_report_passes_only_when_everything_verifies() {
         let dns = FakeDns::default()
-            .txt("s1._domainkey.acme.test", "v=DKIM1; k=ed25519; p=KEY")
+            .txt(
+                "s1._domainkey.acme.test",
+                &format!("v=DKIM1; k=ed25519; p={}", ed25519_key(1)),
+            )
             .txt("acme.test", "v=spf1 ip4:192.0.2.1 -all")
             .txt("_dmarc.acme.test", "v=DMARC1; p=none");
         let mut check = DomainCheck {
