@@ -548,3 +548,101 @@ fn cluster_role_has_no_wildcards_and_every_rule_a_reason() {
         previous = line;
     }
 }
+
+/// A tenant given the chart's tenant role in its namespace (what `edit`
+/// and `admin` aggregate) may change its MailDomains but never their
+/// status, which is the operator's record of what it verified, nor
+/// anything in another namespace.
+#[tokio::test]
+async fn a_tenant_may_change_its_maildomains_but_never_their_status() {
+    let installed = install_chart("rbac-tenant").await;
+    let c = cluster();
+    let tenant_ns = c.namespace("rbac-tenant-ns").await;
+    let other_ns = c.namespace("rbac-other-ns").await;
+    let role = format!("{}-mailauth-operator-tenant-edit", installed.ns.name);
+    let binding = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tenant-edit", "namespace": tenant_ns.name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "tenant-alice"}]
+    });
+    let out = c.kubectl(&["apply", "-f", "-"], Some(&binding.to_string()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let can = |verb: &str, subresource: Option<&str>, namespace: &str| {
+        let mut args = vec![
+            "auth",
+            "can-i",
+            verb,
+            "maildomains.mailauth.dev",
+            "--as=tenant-alice",
+            "--namespace",
+            namespace,
+        ];
+        let sub = subresource.map(|s| format!("--subresource={s}"));
+        if let Some(sub) = &sub {
+            args.push(sub);
+        }
+        let out = c.kubectl(&args, None);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !can("patch", None, &tenant_ns.name) {
+        assert!(
+            Instant::now() < deadline,
+            "the tenant binding never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for verb in [
+        "create", "update", "patch", "delete", "get", "list", "watch",
+    ] {
+        assert!(
+            can(verb, None, &tenant_ns.name),
+            "a tenant may {verb} its MailDomains"
+        );
+    }
+    for verb in ["update", "patch"] {
+        assert!(
+            !can(verb, Some("status"), &tenant_ns.name),
+            "a tenant must never {verb} maildomains/status"
+        );
+    }
+    assert!(
+        !can("patch", None, &other_ns.name),
+        "nor touch another namespace"
+    );
+
+    // The roles aggregate into the built-in ones.
+    let out = c.helm(&[
+        "template",
+        "ops",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("charts/mailauth-operator")
+            .to_str()
+            .expect("utf-8 path"),
+        "--show-only",
+        "templates/tenant-roles.yaml",
+    ]);
+    let rendered = String::from_utf8_lossy(&out.stdout);
+    for label in [
+        "aggregate-to-edit",
+        "aggregate-to-admin",
+        "aggregate-to-view",
+    ] {
+        assert!(
+            rendered.contains(&format!("rbac.authorization.k8s.io/{label}: \"true\"")),
+            "{label}"
+        );
+    }
+    assert!(
+        !rendered.contains("maildomains/status"),
+        "no role grants status:\n{rendered}"
+    );
+    tenant_ns.delete().await;
+    other_ns.delete().await;
+    installed.uninstall().await;
+}

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender, unbounded};
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::Api;
@@ -187,19 +188,155 @@ impl Fanout {
 #[derive(Clone, Debug)]
 pub enum Scope {
     Cluster,
-    Namespace(String),
+    Namespaces(Vec<String>),
 }
 
+type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
 impl Scope {
-    fn api<K>(&self, client: &Client) -> Api<K>
+    /// One watch of a namespaced kind over the whole scope.
+    fn watch<K>(&self, client: &Client, config: watcher::Config, store: Store<K>) -> EventStream<K>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
     {
         match self {
-            Self::Cluster => Api::all(client.clone()),
-            Self::Namespace(namespace) => Api::namespaced(client.clone(), namespace),
+            Self::Cluster => watcher(Api::<K>::all(client.clone()), config).boxed(),
+            Self::Namespaces(namespaces) => merge_watches(
+                namespaces
+                    .iter()
+                    .map(|namespace| {
+                        let api = Api::<K>::namespaced(client.clone(), namespace);
+                        (namespace.clone(), watcher(api, config.clone()).boxed())
+                    })
+                    .collect(),
+                store,
+                |object: &K| object.namespace().unwrap_or_default(),
+            ),
         }
     }
+
+    /// The watch of Namespaces themselves over the scope.
+    fn watch_namespaces(&self, client: &Client, store: Store<Namespace>) -> EventStream<Namespace> {
+        let api = Api::<Namespace>::all(client.clone());
+        match self {
+            Self::Cluster => watcher(api, watcher::Config::default()).boxed(),
+            Self::Namespaces(namespaces) => merge_watches(
+                namespaces
+                    .iter()
+                    .map(|namespace| {
+                        let config = watcher::Config::default()
+                            .fields(&format!("metadata.name={namespace}"));
+                        (namespace.clone(), watcher(api.clone(), config).boxed())
+                    })
+                    .collect(),
+                store,
+                |ns: &Namespace| ns.name_any(),
+            ),
+        }
+    }
+}
+
+/// Several watches (one per namespace) presented to one store as one
+/// watch. A store takes a whole list at once (`Init` .. `InitDone`
+/// replaces everything it holds), so the merged stream lists once, when
+/// every namespace has listed. Changes that a namespace which has listed
+/// already sees meanwhile are held back until then: applied to the store
+/// during the list, they would be lost when the list replaces it.
+/// Afterwards, a namespace that lists again (its watch was lost) is turned
+/// into applies of what it lists and deletes of what it no longer has,
+/// touching no other namespace.
+fn merge_watches<K>(
+    watches: Vec<(String, EventStream<K>)>,
+    store: Store<K>,
+    key_of: fn(&K) -> String,
+) -> EventStream<K>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let mut waiting_for_first_list: HashSet<String> =
+        watches.iter().map(|(ns, _)| ns.clone()).collect();
+    let mut relisting: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut held: Vec<watcher::Event<K>> = Vec::new();
+    // What each namespace listed while the merged list is not complete:
+    // what a namespace that lists again no longer has must be deleted
+    // after the list. Dropped once the list is complete.
+    let mut first_listed: HashMap<String, HashMap<String, K>> = HashMap::new();
+    let tagged = futures::stream::select_all(
+        watches
+            .into_iter()
+            .map(|(ns, stream)| stream.map(move |event| (ns.clone(), event))),
+    );
+    let started = futures::stream::iter([Ok(watcher::Event::Init)]);
+    let merged = tagged.flat_map(move |(ns, event)| {
+        let out: Vec<Result<watcher::Event<K>, watcher::Error>> = match event {
+            Err(error) => vec![Err(error)],
+            Ok(watcher::Event::Init) => {
+                relisting.insert(ns, HashSet::new());
+                Vec::new()
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                if let Some(seen) = relisting.get_mut(&ns) {
+                    seen.insert(object.name_any());
+                }
+                if waiting_for_first_list.is_empty() {
+                    vec![Ok(watcher::Event::Apply(object))]
+                } else {
+                    first_listed
+                        .entry(ns.clone())
+                        .or_default()
+                        .insert(object.name_any(), object.clone());
+                    if waiting_for_first_list.contains(&ns) {
+                        vec![Ok(watcher::Event::InitApply(object))]
+                    } else {
+                        held.push(watcher::Event::Apply(object));
+                        Vec::new()
+                    }
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let seen = relisting.remove(&ns).unwrap_or_default();
+                if waiting_for_first_list.remove(&ns) {
+                    if waiting_for_first_list.is_empty() {
+                        first_listed.clear();
+                        std::iter::once(Ok(watcher::Event::InitDone))
+                            .chain(held.drain(..).map(Ok))
+                            .collect()
+                    } else {
+                        Vec::new()
+                    }
+                } else if !waiting_for_first_list.is_empty() {
+                    // Listed again before the merged list is complete: what
+                    // it listed before and no longer has goes afterwards.
+                    for (name, gone) in first_listed.remove(&ns).unwrap_or_default() {
+                        if !seen.contains(&name) {
+                            held.push(watcher::Event::Delete(gone));
+                        }
+                    }
+                    Vec::new()
+                } else {
+                    store
+                        .state()
+                        .into_iter()
+                        .filter(|object| key_of(object) == ns && !seen.contains(&object.name_any()))
+                        .map(|gone| Ok(watcher::Event::Delete((*gone).clone())))
+                        .collect()
+                }
+            }
+            Ok(event) if !waiting_for_first_list.is_empty() => {
+                held.push(event);
+                Vec::new()
+            }
+            Ok(event) => vec![Ok(event)],
+        };
+        futures::stream::iter(out)
+    });
+    started.chain(merged).boxed()
 }
 
 /// Sets up the index: returns the stores, the feeds, and the future that
@@ -232,35 +369,34 @@ pub fn start(
 
     let domain_watch = {
         let (index, fanout) = (index.clone(), fanout.clone());
-        let stream = watcher(
-            scope.api::<MailDomain>(&client),
-            watcher::Config::default().any_semantic(),
-        )
-        .default_backoff()
-        .modify(|md| md.managed_fields_mut().clear())
-        .reflect(domains_writer);
+        let stream = scope
+            .watch(
+                &client,
+                watcher::Config::default().any_semantic(),
+                index.domains.clone(),
+            )
+            .default_backoff()
+            .modify(|md| md.managed_fields_mut().clear())
+            .reflect(domains_writer);
         drive(stream, move |event| on_domain(&index, &fanout, event))
     };
     let secret_watch = {
         let (index, fanout) = (index.clone(), fanout.clone());
-        let stream = watcher(
-            scope.api::<Secret>(&client),
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
-        )
-        .default_backoff()
-        .modify(|secret| secret.managed_fields_mut().clear())
-        .reflect(secrets_writer);
+        let stream = scope
+            .watch(
+                &client,
+                watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+                index.secrets.clone(),
+            )
+            .default_backoff()
+            .modify(|secret| secret.managed_fields_mut().clear())
+            .reflect(secrets_writer);
         drive(stream, move |event| on_secret(&index, &fanout, event))
     };
     let namespace_watch = {
         let (index, fanout) = (index.clone(), fanout.clone());
-        let config = match &scope {
-            Scope::Cluster => watcher::Config::default(),
-            Scope::Namespace(namespace) => {
-                watcher::Config::default().fields(&format!("metadata.name={namespace}"))
-            }
-        };
-        let stream = watcher(Api::<Namespace>::all(client.clone()), config)
+        let stream = scope
+            .watch_namespaces(&client, index.namespaces.clone())
             .default_backoff()
             .modify(|ns| ns.managed_fields_mut().clear())
             .reflect(namespaces_writer);
@@ -268,7 +404,8 @@ pub fn start(
     };
     let relay_watch = {
         let (index, fanout) = (index.clone(), fanout);
-        let stream = watcher(scope.api::<MailRelay>(&client), watcher::Config::default())
+        let stream = scope
+            .watch(&client, watcher::Config::default(), index.relays.clone())
             .default_backoff()
             .modify(|relay| relay.managed_fields_mut().clear())
             .reflect(relays_writer);
@@ -427,5 +564,95 @@ fn on_relay(
         }
         watcher::Event::InitDone => fanout.change(Change::Resync),
         watcher::Event::Init => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn object(namespace: &str, name: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        }
+    }
+
+    fn names(store: &Store<ConfigMap>) -> Vec<String> {
+        let mut names: Vec<String> = store.state().iter().map(|o| o.name_any()).collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn several_namespaces_list_once_together_and_relist_alone() {
+        let (reader, writer) = reflector::store::<ConfigMap>();
+        let (a, a_events) = unbounded();
+        let (b, b_events) = unbounded();
+        let merged = merge_watches(
+            vec![
+                ("a".to_string(), a_events.boxed()),
+                ("b".to_string(), b_events.boxed()),
+            ],
+            reader.clone(),
+            |o: &ConfigMap| o.namespace().unwrap_or_default(),
+        );
+        let mut reflected = merged.reflect(writer).boxed();
+        let mut next = async || reflected.next().await.unwrap().unwrap();
+
+        assert!(matches!(next().await, watcher::Event::Init));
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(object("a", "a1")),
+            watcher::Event::InitDone,
+        ] {
+            a.unbounded_send(Ok(event)).unwrap();
+        }
+        assert!(matches!(next().await, watcher::Event::InitApply(_)));
+        // a has listed and sees a new object while b still lists: held.
+        a.unbounded_send(Ok(watcher::Event::Apply(object("a", "a-new"))))
+            .unwrap();
+        assert!(
+            reader.state().is_empty(),
+            "nothing is served until every namespace listed"
+        );
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(object("b", "b1")),
+            watcher::Event::InitDone,
+        ] {
+            b.unbounded_send(Ok(event)).unwrap();
+        }
+        assert!(matches!(next().await, watcher::Event::InitApply(_)));
+        assert!(matches!(next().await, watcher::Event::InitDone));
+        assert!(matches!(next().await, watcher::Event::Apply(_)));
+        assert_eq!(names(&reader), ["a-new", "a1", "b1"]);
+        a.unbounded_send(Ok(watcher::Event::Delete(object("a", "a-new"))))
+            .unwrap();
+        assert!(matches!(next().await, watcher::Event::Delete(_)));
+        assert_eq!(names(&reader), ["a1", "b1"]);
+
+        // Namespace a loses its watch and lists again: a1 is gone, a2 new;
+        // b is untouched.
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(object("a", "a2")),
+            watcher::Event::InitDone,
+        ] {
+            a.unbounded_send(Ok(event)).unwrap();
+        }
+        assert!(matches!(next().await, watcher::Event::Apply(_)));
+        assert!(matches!(next().await, watcher::Event::Delete(_)));
+        assert_eq!(names(&reader), ["a2", "b1"]);
+        a.unbounded_send(Ok(watcher::Event::Delete(object("a", "a2"))))
+            .unwrap();
+        assert!(matches!(next().await, watcher::Event::Delete(_)));
+        assert_eq!(names(&reader), ["b1"]);
     }
 }

@@ -45,13 +45,19 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let deployments = match &ctx.settings.namespace {
-        Some(ns) => Api::<Deployment>::namespaced(client, ns),
-        None => Api::all(client),
-    };
-    Controller::for_stream(relays, index.relays.clone())
-        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)))
-        .owns(deployments, managed)
+    let mut controller = Controller::for_stream(relays, index.relays.clone())
+        .with_config(ControllerConfig::default().debounce(Duration::from_millis(500)));
+    if ctx.settings.namespaces.is_empty() {
+        controller = controller.owns(Api::<Deployment>::all(client), managed);
+    } else {
+        for namespace in &ctx.settings.namespaces {
+            controller = controller.owns(
+                Api::<Deployment>::namespaced(client.clone(), namespace),
+                managed.clone(),
+            );
+        }
+    }
+    controller
         .reconcile_on(summaries_changed)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

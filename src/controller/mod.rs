@@ -73,9 +73,11 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "10m", value_parser = parse_std_duration)]
     pub dns_retry_max: Duration,
 
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long)]
-    pub namespace: Option<String>,
+    /// Watch only this namespace (repeatable, for several; default: all
+    /// namespaces). MailRelays and tenants' MailDomains must all be in
+    /// watched namespaces.
+    #[arg(long = "namespace")]
+    pub namespaces: Vec<String>,
 
     /// Most MailDomains reconciled at once.
     #[arg(long, default_value_t = 64)]
@@ -119,7 +121,7 @@ impl Default for ControllerArgs {
             recheck_interval: Duration::from_secs(3600),
             dns_retry_min: Duration::from_secs(30),
             dns_retry_max: Duration::from_secs(600),
-            namespace: None,
+            namespaces: Vec::new(),
             concurrency: 64,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             leader_election: false,
@@ -246,9 +248,10 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let scope = match &settings.namespace {
-            Some(namespace) => index::Scope::Namespace(namespace.clone()),
-            None => index::Scope::Cluster,
+        let scope = if settings.namespaces.is_empty() {
+            index::Scope::Cluster
+        } else {
+            index::Scope::Namespaces(settings.namespaces.clone())
         };
         let (index, feeds, watches) = index::start(client.clone(), scope);
         let (relay_news_tx, relay_news) = unbounded();

@@ -27,11 +27,17 @@ pub struct Operator {
 impl Operator {
     /// Starts the MailDomain controller for `namespace`, asking `dns`.
     pub async fn start(namespace: &str, dns: SocketAddr) -> Self {
+        Self::start_for(&[namespace], dns).await
+    }
+
+    /// Starts the operator watching `namespaces` (a platform namespace and
+    /// tenants' namespaces, say), asking `dns`.
+    pub async fn start_for(namespaces: &[&str], dns: SocketAddr) -> Self {
         mailauth_operator::telemetry::init();
         let clock = Arc::new(ManualClock::new(Timestamp::now()));
         let settings = ControllerArgs {
             dns_servers: vec![dns],
-            namespace: Some(namespace.to_string()),
+            namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
             ..ControllerArgs::default()
         };
         let metrics =
