@@ -6,7 +6,7 @@ CARGO ?= cargo
 CLUSTER := tests/controlplane/cluster.sh
 export KUBECONFIG_LOCAL := $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build crds lint fmt test unit integration cluster-up cluster-down controlplane demo bench clean
+.PHONY: all build crds lint fmt test unit integration cluster-up cluster-down controlplane demo bench deps fresh-check clean
 
 all: build
 
@@ -55,6 +55,15 @@ demo:
 bench:
 	tests/bench/bench.sh
 	tests/bench/relay.sh
+
+## deps: install (as root) and check the peers and build tools (.ci/install-deps)
+deps:
+	.ci/install-deps
+
+## fresh-check: .ci/run, then make demo, on a clean clone of HEAD in a pristine
+## Debian 12 root (as root; see README). FRESH_REUSE_CACHES=1 for a quicker one.
+fresh-check:
+	.ci/fresh-check
 
 clean: cluster-down
 	$(CARGO) clean

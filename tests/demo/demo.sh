@@ -24,20 +24,17 @@ wait_until() { # wait_until <seconds> <what> <command...>
   done
 }
 
-# The real peers the demo talks to; a fresh machine gets them from Debian.
-missing_tools() {
-  local tool
-  for tool in knotd knsupdate kdig swaks smtp-sink openssl curl; do
-    command -v "$tool" >/dev/null || return 0
-  done
-  /usr/bin/python3 -c 'import dkim, dns.resolver' 2>/dev/null || return 0
-  return 1
-}
-if missing_tools; then
+# The real peers the demo talks to, and what they must be able to do (swaks
+# with TLS and AUTH, dkimpy, knot, smtp-sink, ...): `.ci/install-deps` is the
+# one list, for CI and the demo alike. It checks each capability by running
+# the tool; as root it installs what is missing first.
+if ! bash .ci/install-deps --check >/dev/null 2>&1; then
   if ((EUID == 0)); then
+    say "Installing the peers the demo uses (.ci/install-deps, once per machine)"
     bash .ci/install-deps
   else
-    echo "knot, swaks, postfix (smtp-sink) or python3-dkim are missing: run 'sudo bash .ci/install-deps'" >&2
+    bash .ci/install-deps --check || true
+    echo "run 'sudo bash .ci/install-deps' once, then 'make demo' again" >&2
     exit 1
   fi
 fi
