@@ -22,6 +22,7 @@ pub struct RelayMetrics {
     config_reloads: Family<ResultLabel, Counter>,
     tls_reloads: Family<ResultLabel, Counter>,
     connections: Gauge,
+    buffered_bytes: Gauge,
 }
 
 impl RelayMetrics {
@@ -36,6 +37,7 @@ impl RelayMetrics {
             config_reloads: Family::default(),
             tls_reloads: Family::default(),
             connections: Gauge::default(),
+            buffered_bytes: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mailauth_relay");
         r.register(
@@ -78,7 +80,17 @@ impl RelayMetrics {
             "Client connections open",
             metrics.connections.clone(),
         );
+        r.register(
+            "buffered_bytes",
+            "Message data held in memory, all sessions together",
+            metrics.buffered_bytes.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    /// The gauge of buffered message bytes, for the reservations to keep.
+    pub fn buffered_bytes(&self) -> Gauge {
+        self.buffered_bytes.clone()
     }
 
     /// Metrics that go nowhere, for tests of parts that need some.

@@ -25,6 +25,12 @@ impl Tenant {
     pub fn password_matches(&self, password: &[u8]) -> bool {
         self.password_hash.matches(password)
     }
+
+    /// The stored credential: a session compares it with the one it logged
+    /// in with, so a re-issued password ends sessions opened with the old.
+    pub fn credential(&self) -> &PasswordHash {
+        &self.password_hash
+    }
 }
 
 /// A domain the relay signs for.
@@ -170,10 +176,29 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, RelayErro
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_slice(&bytes).map_err(|source| RelayError::ConfigParse {
+    serde_json::from_slice(&bytes).map_err(|error| RelayError::ConfigParse {
         path: path.to_path_buf(),
-        source,
+        detail: json_error(&error),
     })
+}
+
+/// What went wrong and where, without serde's message: that quotes the
+/// offending value ("invalid type: string \"-----BEGIN PRIVATE KEY...\""),
+/// and a config entry's value can be a private key.
+fn json_error(error: &serde_json::Error) -> String {
+    let what = match error.classify() {
+        serde_json::error::Category::Io => "could not be read",
+        serde_json::error::Category::Syntax => "is not valid JSON",
+        serde_json::error::Category::Eof => "ends too early",
+        serde_json::error::Category::Data => {
+            "has an entry of the wrong type, or one missing or unknown"
+        }
+    };
+    format!(
+        "the file {what} (line {}, column {})",
+        error.line(),
+        error.column()
+    )
 }
 
 /// Reads and merges the config directory. Blocking (file reads, key
@@ -223,6 +248,8 @@ mod tests {
     use crate::dkim::{NewKey, generate};
     use crate::relay::auth::hash_password;
     use crate::relay::config::{DomainEntry, SigningKeyEntry, TenantEntry, UpstreamSettings};
+    use crate::relay::message::header_section;
+    use crate::relay::path::parse_reverse_path;
     use crate::relay::policy::{check_envelope_sender, check_header_sender};
 
     fn settings() -> RelaySettings {
@@ -285,13 +312,15 @@ mod tests {
         let acme = snapshot.tenant("acme").unwrap();
         assert!(acme.password_matches(b"pw"));
         assert!(!acme.password_matches(b"wrong"));
-        assert_eq!(
-            check_envelope_sender(&acme.grant, "x@bounces.acme.test"),
-            Ok(())
-        );
-        assert!(check_envelope_sender(&acme.grant, "x@unverified.test").is_err());
-        assert!(check_envelope_sender(&acme.grant, "x@other.test").is_err());
-        assert!(check_header_sender(&acme.grant, b"From: x@other.test\r\n\r\n").is_err());
+        let envelope = |path: &str| {
+            let (path, _) = parse_reverse_path(path.as_bytes()).unwrap();
+            check_envelope_sender(&acme.grant, &path)
+        };
+        assert_eq!(envelope("<x@bounces.acme.test>"), Ok(()));
+        assert!(envelope("<x@unverified.test>").is_err());
+        assert!(envelope("<x@other.test>").is_err());
+        let other = header_section(b"From: x@other.test\r\n\r\n").unwrap();
+        assert!(check_header_sender(&acme.grant, &other).is_err());
         assert_eq!(snapshot.domain("acme.test").unwrap().signers.len(), 1);
     }
 
@@ -395,6 +424,30 @@ mod tests {
             load_dir(dir.path()),
             Err(RelayError::ConfigParse { .. })
         ));
+    }
+
+    #[test]
+    fn a_malformed_entry_is_reported_without_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(SETTINGS_FILE),
+            serde_json::to_vec(&settings()).unwrap(),
+        )
+        .unwrap();
+        // A signing-key list where a string is expected to be a list: serde
+        // would quote the string, which here is a private key.
+        let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIDoNotLogMe\n-----END PRIVATE KEY-----\n";
+        let shard = serde_json::json!({
+            "domains": [{"domain": "acme.test", "messagesPerMinute": 1, "signingKeys": pem}]
+        });
+        std::fs::write(dir.path().join("domains-0.json"), shard.to_string()).unwrap();
+        let error = load_dir(dir.path()).unwrap_err();
+        let shown = format!("{error} {error:?}");
+        assert!(matches!(error, RelayError::ConfigParse { .. }), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(!shown.contains("DoNotLogMe"), "{shown}");
+        assert!(shown.contains("domains-0.json"), "{shown}");
+        assert!(shown.contains("wrong type"), "{shown}");
     }
 
     #[test]
