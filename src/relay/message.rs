@@ -146,22 +146,12 @@ pub fn header_section(message: &[u8]) -> Result<HeaderSection<'_>, MalformedMess
 }
 
 /// What a submission server adds before signing when the client left it
-/// out (RFC 6409 §8.2, §8.3): `Date` and `Message-ID`. A next hop would add
-/// them after the signature, which then fails if they are signed as absent.
-/// Returns the message unchanged when nothing is missing.
-pub fn add_missing_fields(
-    message: Vec<u8>,
-    section: &HeaderSection<'_>,
-    hostname: &str,
-    now: jiff::Timestamp,
-) -> Vec<u8> {
-    let needs_date = !section.has("Date");
-    let needs_id = !section.has("Message-ID");
-    if !needs_date && !needs_id {
-        return message;
-    }
-    let mut added = String::with_capacity(128);
-    if needs_date {
+/// out (RFC 6409 §8.2, §8.3): `Date` and `Message-ID` fields, to go at
+/// `section.end`. A next hop would add them after the signature, which
+/// then fails if they are signed as absent. Empty when nothing is missing.
+pub fn missing_fields(section: &HeaderSection<'_>, hostname: &str, now: jiff::Timestamp) -> String {
+    let mut added = String::new();
+    if !section.has("Date") {
         let utc = now.to_zoned(jiff::tz::TimeZone::UTC);
         // A UTC time always has an RFC 2822 form.
         if let Ok(date) = jiff::fmt::rfc2822::to_string(&utc) {
@@ -170,12 +160,26 @@ pub fn add_missing_fields(
             added.push_str("\r\n");
         }
     }
-    if needs_id {
+    if !section.has("Message-ID") {
         added.push_str("Message-ID: <");
         added.push_str(&unique_id(now));
         added.push('@');
         added.push_str(hostname);
         added.push_str(">\r\n");
+    }
+    added
+}
+
+/// `message` with [`missing_fields`] added.
+pub fn add_missing_fields(
+    message: Vec<u8>,
+    section: &HeaderSection<'_>,
+    hostname: &str,
+    now: jiff::Timestamp,
+) -> Vec<u8> {
+    let added = missing_fields(section, hostname, now);
+    if added.is_empty() {
+        return message;
     }
     let end = section.end;
     let mut completed = Vec::with_capacity(message.len() + added.len());

@@ -13,14 +13,19 @@
 //!   revoked tenant or domain stops sending with its next message;
 //! - the sender policy on the parsed envelope and header, which are exactly
 //!   what goes upstream and what is signed;
-//! - per-recipient semantics: MAIL and RCPT are proxied to the upstream
-//!   ([`Action::Envelope`]), so each reply the client gets is the
+//! - per-recipient semantics: RCPT is proxied to the upstream
+//!   ([`Action::Envelope`]), so each reply the client gets to it is the
 //!   upstream's; the message is signed and handed over with
 //!   [`Action::Deliver`], and the final reply is the upstream's too.
 //!
-//! Pipelined MAIL and RCPT commands are collected into one envelope batch,
-//! written upstream at once; any other command waits until the batch's
-//! replies are in, so replies always come back in order.
+//! MAIL is answered once the policy accepts the sender and goes upstream
+//! in front of the first RCPT, in the same write: a client that waits for
+//! each reply pays one upstream round trip less, and a refusal of the
+//! sender by the upstream reaches it as the reply to each RCPT (as Postfix
+//! itself answers by default, `smtpd_delay_reject`). Pipelined RCPT
+//! commands are collected into one envelope batch, written upstream at
+//! once; any other command waits until the batch's replies are in, so
+//! replies always come back in order.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -34,12 +39,12 @@ use super::command::{self, Body, Command, CommandError};
 use super::data::DataReceiver;
 use super::limits::{AuthThrottle, BufferReservation, ConnectionPermit, Throttled};
 use super::log::Escaped;
-use super::message::{add_missing_fields, header_section};
+use super::message::{header_section, missing_fields};
 use super::metrics::RelayMetrics;
 use super::path::{Mailbox, ReversePath};
 use super::policy::{Refusal, check_envelope_sender, check_header_sender};
 use super::rate_limit::RateLimiter;
-use super::signing::sign_message;
+use super::signing::signature_headers;
 use super::snapshot::{RelaySnapshot, Tenant};
 
 /// Wrong passwords allowed per connection before it is closed.
@@ -95,12 +100,36 @@ pub enum Action {
     Envelope(Vec<EnvelopeCommand>),
     /// Send this signed message as the transaction's data, and pass the
     /// upstream's final reply to [`Protocol::delivered`].
-    Deliver(Vec<u8>),
+    Deliver(Signed),
     /// Send the output (a 220), then start TLS and call
     /// [`Protocol::tls_started`].
     StartTls,
     /// Send the output and close the connection.
     Close,
+}
+
+/// A signed message: the DKIM-Signature headers, then the message as
+/// received (with what a submission server adds), kept apart so neither is
+/// copied into the other.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Signed {
+    pub headers: Vec<u8>,
+    pub message: Vec<u8>,
+}
+
+impl Signed {
+    pub fn len(&self) -> usize {
+        self.headers.len() + self.message.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Headers and message as one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        [self.headers.as_slice(), self.message.as_slice()].concat()
+    }
 }
 
 /// How the upstream answered the data, as far as the shell could tell.
@@ -122,9 +151,13 @@ struct Transaction {
     body: Body,
     /// Recipients the upstream accepted.
     recipients: Vec<Mailbox>,
+    /// Whether MAIL has gone upstream (it goes with the first RCPT).
+    mail_sent: bool,
     /// Whether the upstream accepted MAIL: its side of the transaction is
     /// open, and must be reset if this one ends without data.
     upstream_open: bool,
+    /// The upstream's refusal of the sender, as each RCPT is answered.
+    sender_refused: Option<Vec<u8>>,
 }
 
 struct DataPhase {
@@ -158,6 +191,7 @@ struct Delivering {
 /// did not (written only after the replies before it).
 #[derive(Debug)]
 enum Slot {
+    /// MAIL, sent in front of the first RCPT; its reply was ours already.
     Mail,
     Rcpt(Mailbox),
     Local(Vec<u8>),
@@ -620,19 +654,16 @@ impl Protocol {
         if let Err(refusal) = check_envelope_sender(&tenant.grant, &from) {
             return self.refuse(&refusal);
         }
-        self.batch_commands.push(EnvelopeCommand::Mail {
-            from: from.clone(),
-            size,
-            body,
-        });
-        self.batch.push(Slot::Mail);
         self.transaction = Some(Transaction {
             from,
             size,
             body,
             recipients: Vec::new(),
+            mail_sent: false,
             upstream_open: false,
+            sender_refused: None,
         });
+        self.say(250, "2.1.0 Sender OK");
     }
 
     fn rcpt(&mut self, to: Mailbox, step: &Step<'_>) {
@@ -648,6 +679,26 @@ impl Protocol {
         if transaction.recipients.len() + asked >= max {
             self.shared.metrics.rejected("too_many_recipients");
             return self.say(452, "4.5.3 Too many recipients");
+        }
+        if let Some(refusal) = &transaction.sender_refused {
+            let refusal = refusal.clone();
+            if self.batch.is_empty() {
+                self.out.extend_from_slice(&refusal);
+            } else {
+                self.batch.push(Slot::Local(refusal));
+            }
+            return;
+        }
+        if !transaction.mail_sent {
+            self.batch_commands.push(EnvelopeCommand::Mail {
+                from: transaction.from.clone(),
+                size: transaction.size,
+                body: transaction.body,
+            });
+            self.batch.push(Slot::Mail);
+            if let Some(transaction) = self.transaction.as_mut() {
+                transaction.mail_sent = true;
+            }
         }
         self.batch_commands
             .push(EnvelopeCommand::Rcpt { to: to.clone() });
@@ -691,7 +742,6 @@ impl Protocol {
                     if let Some(transaction) = self.transaction.as_mut() {
                         transaction.upstream_open = true;
                     }
-                    passed_on(&mut self.out, &response, "");
                 }
                 Slot::Mail => {
                     self.shared.metrics.rejected(if response.code >= 500 {
@@ -699,16 +749,23 @@ impl Protocol {
                     } else {
                         "upstream_deferred"
                     });
-                    self.transaction = None;
-                    passed_on(&mut self.out, &response, "");
+                    let mut refusal = Vec::new();
+                    passed_on(&mut refusal, &response, "");
+                    if let Some(transaction) = self.transaction.as_mut() {
+                        transaction.sender_refused = Some(refusal);
+                    }
                 }
                 Slot::Rcpt(to) => match self.transaction.as_mut() {
+                    // The upstream refused the sender: that is the answer
+                    // for every recipient (its own reply would be a 503).
+                    Some(Transaction {
+                        sender_refused: Some(refusal),
+                        ..
+                    }) => self.out.extend_from_slice(refusal),
                     Some(transaction) if positive => {
                         transaction.recipients.push(to);
                         passed_on(&mut self.out, &response, "");
                     }
-                    // The upstream refused MAIL: whatever it says now, there
-                    // is no transaction to add the recipient to.
                     None if positive => reply(&mut self.out, 503, "5.5.1 MAIL FROM first"),
                     _ => {
                         self.shared.metrics.rejected(if response.code >= 500 {
@@ -730,13 +787,11 @@ impl Protocol {
         for slot in batch {
             match slot {
                 Slot::Local(line) => self.out.extend_from_slice(&line),
+                // MAIL goes again with the next RCPT.
                 Slot::Mail => {
-                    self.transaction = None;
-                    reply(
-                        &mut self.out,
-                        451,
-                        "4.4.1 Upstream unavailable; try again later",
-                    );
+                    if let Some(transaction) = self.transaction.as_mut() {
+                        transaction.mail_sent = false;
+                    }
                 }
                 Slot::Rcpt(_) if self.transaction.is_none() => {
                     reply(&mut self.out, 503, "5.5.1 MAIL FROM first");
@@ -880,14 +935,19 @@ impl Protocol {
             );
             return None;
         }
-        let message = add_missing_fields(
-            message.clone(),
-            &section,
-            &snapshot.settings.hostname,
-            step.utc,
-        );
-        let signed = match sign_message(&domain.signers, &message) {
-            Ok(signed) => signed,
+        let missing = missing_fields(&section, &snapshot.settings.hostname, step.utc);
+        let end = section.end;
+        let message = if missing.is_empty() {
+            message
+        } else {
+            let mut completed = Vec::with_capacity(message.len() + missing.len());
+            completed.extend_from_slice(&message[..end]);
+            completed.extend_from_slice(missing.as_bytes());
+            completed.extend_from_slice(&message[end..]);
+            completed
+        };
+        let signed = match signature_headers(&domain.signers, &message) {
+            Ok(headers) => Signed { headers, message },
             Err(error) => {
                 self.shared
                     .rate_limiter
@@ -1353,7 +1413,7 @@ mod tests {
             assert_eq!(self.next(), Action::NeedInput);
             assert_eq!(self.codes(), [250, 250, 354]);
             match self.feed(&format!("{message}.\r\n")) {
-                Action::Deliver(signed) => signed,
+                Action::Deliver(signed) => signed.to_vec(),
                 other => panic!("{other:?}: {:?}", self.said()),
             }
         }
@@ -1446,19 +1506,51 @@ mod tests {
                 rcpt("<b@example.net>"),
             ])
         );
-        assert!(
-            h.said().is_empty(),
-            "nothing is answered before the upstream"
-        );
+        // The sender is answered by the policy; the recipients wait for
+        // the upstream.
+        assert_eq!(h.said(), ["250 2.1.0 Sender OK"]);
         h.upstream_says(&[250, 550, 250]);
         assert_eq!(h.next(), Action::NeedInput);
         // The third recipient is over the limit: ours, after the others.
         let said = h.said();
-        assert_eq!(said[0], "250 2.0.0 upstream 250");
-        assert_eq!(said[1], "550 5.0.0 upstream 550");
-        assert_eq!(said[2], "250 2.0.0 upstream 250");
-        assert!(said[3].starts_with("452 4.5.3"), "{said:?}");
-        assert!(said[4].starts_with("354 "), "{said:?}");
+        assert_eq!(said[0], "550 5.0.0 upstream 550");
+        assert_eq!(said[1], "250 2.0.0 upstream 250");
+        assert!(said[2].starts_with("452 4.5.3"), "{said:?}");
+        assert!(said[3].starts_with("354 "), "{said:?}");
+    }
+
+    #[test]
+    fn a_sender_the_upstream_refuses_is_the_answer_to_every_recipient() {
+        let mut h = Harness::new(snapshot());
+        h.login();
+        assert_eq!(h.feed("MAIL FROM:<alice@acme.test>\r\n"), Action::NeedInput);
+        assert_eq!(h.codes(), [250]);
+        let action = h.feed("RCPT TO:<a@example.net>\r\n");
+        assert_eq!(
+            action,
+            Action::Envelope(vec![mail("<alice@acme.test>"), rcpt("<a@example.net>")])
+        );
+        h.protocol.envelope_replies(Ok(vec![
+            Response {
+                code: 550,
+                esc: [5, 7, 1],
+                message: "sender blocked".into(),
+            },
+            Response {
+                code: 503,
+                esc: [5, 5, 1],
+                message: "need MAIL".into(),
+            },
+        ]));
+        assert_eq!(h.said(), ["550 5.7.1 sender blocked"]);
+        // Later recipients get the same answer without asking again.
+        assert_eq!(
+            h.feed("RCPT TO:<b@example.net>\r\nDATA\r\n"),
+            Action::NeedInput
+        );
+        let said = h.said();
+        assert_eq!(said[0], "550 5.7.1 sender blocked");
+        assert!(said[1].starts_with("554 "), "{said:?}");
     }
 
     #[test]
@@ -1470,7 +1562,8 @@ mod tests {
             Action::NeedInput
         );
         assert_eq!(h.codes(), [501]);
-        let action = h.feed("MAIL FROM:<\"ceo@other.test\"@ACME.test>\r\n");
+        let action =
+            h.feed("MAIL FROM:<\"ceo@other.test\"@ACME.test>\r\nRCPT TO:<b@example.net>\r\n");
         let Action::Envelope(commands) = action else {
             panic!("{action:?}")
         };
@@ -1479,7 +1572,7 @@ mod tests {
         };
         assert_eq!(from.to_string(), "<\"ceo@other.test\"@acme.test>");
         // Another tenant's domain is refused before anything goes upstream.
-        h.upstream_says(&[250]);
+        h.upstream_says(&[250, 250]);
         h.said();
         h.feed("RSET\r\n");
         assert_eq!(h.feed("MAIL FROM:<ceo@other.test>\r\n"), Action::NeedInput);
@@ -1582,7 +1675,14 @@ mod tests {
         h.feed("MAIL FROM:<alice@acme.test>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n");
         h.protocol.envelope_replies(Err("refused".into()));
         assert_eq!(h.next(), Action::NeedInput);
-        assert_eq!(h.codes(), [451, 503, 503]);
+        // The recipient is deferred; with none accepted, DATA has nothing
+        // to send. The next RCPT tries MAIL again.
+        assert_eq!(h.codes(), [250, 451, 554]);
+        let action = h.feed("RCPT TO:<bob@example.net>\r\n");
+        assert_eq!(
+            action,
+            Action::Envelope(vec![mail("<alice@acme.test>"), rcpt("<bob@example.net>")])
+        );
     }
 
     #[test]

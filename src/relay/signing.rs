@@ -89,12 +89,21 @@ impl DomainSigner {
     }
 }
 
+/// One DKIM-Signature header per signer, to go in front of `message`.
+pub fn signature_headers(
+    signers: &[DomainSigner],
+    message: &[u8],
+) -> Result<Vec<u8>, mail_auth::Error> {
+    let mut headers = Vec::with_capacity(600 * signers.len());
+    for signer in signers {
+        signer.signer.sign(message)?.write_header(&mut headers);
+    }
+    Ok(headers)
+}
+
 /// Returns `message` with one DKIM-Signature header per signer prepended.
 pub fn sign_message(signers: &[DomainSigner], message: &[u8]) -> Result<Vec<u8>, mail_auth::Error> {
-    let mut signed = Vec::with_capacity(message.len() + 600 * signers.len());
-    for signer in signers {
-        signer.signer.sign(message)?.write_header(&mut signed);
-    }
+    let mut signed = signature_headers(signers, message)?;
     signed.extend_from_slice(message);
     Ok(signed)
 }

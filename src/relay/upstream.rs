@@ -12,13 +12,13 @@
 //! it; once content was sent, a failure is a 451 for the client to retry.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mail_send::{Credentials, SmtpClient};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use smtp_proto::response::parser::ResponseReceiver;
-use smtp_proto::{EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_START_TLS, Response};
+use smtp_proto::{EXT_8BIT_MIME, EXT_CHUNKING, EXT_PIPELINING, EXT_SIZE, EXT_START_TLS, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -26,7 +26,7 @@ use tokio_rustls::rustls;
 
 use super::command::Body;
 use super::config::UpstreamSettings;
-use super::protocol::{EnvelopeCommand, SIGNING_ALLOWANCE, UpstreamResult};
+use super::protocol::{EnvelopeCommand, SIGNING_ALLOWANCE, Signed, UpstreamResult};
 use crate::api::UpstreamTls;
 
 /// Any byte stream to the upstream: plain TCP or TLS.
@@ -46,6 +46,7 @@ struct Capabilities {
     pipelining: bool,
     eight_bit_mime: bool,
     size: bool,
+    chunking: bool,
 }
 
 /// One open connection to the upstream, between transactions in the pool
@@ -59,7 +60,16 @@ pub struct Connection {
     /// A transaction was left open on it (the client gave up, or the policy
     /// refused the message): RSET before the next.
     pub needs_reset: bool,
+    /// When the upstream last answered on it.
+    last_reply: Instant,
 }
+
+/// How recently a connection must have answered for a message to go as
+/// one `BDAT LAST` (RFC 3030) instead of `DATA`: with BDAT the content
+/// leaves with the command, so a connection the upstream closed meanwhile
+/// would be found dead only after the content was out, when a retry could
+/// duplicate. The upstream's idle timeout is minutes.
+const BDAT_FRESHNESS: Duration = Duration::from_secs(10);
 
 /// Connections to the upstream, reused across messages.
 pub struct Upstream {
@@ -216,7 +226,7 @@ impl Upstream {
         settings: &UpstreamSettings,
         helo_host: &str,
         replay: impl FnOnce() -> Vec<EnvelopeCommand>,
-        message: &[u8],
+        message: &Signed,
     ) -> UpstreamResult {
         let mut replay = Some(replay);
         let mut envelope = Vec::new();
@@ -341,7 +351,9 @@ impl Upstream {
                     pipelining: capabilities.has_capability(EXT_PIPELINING),
                     eight_bit_mime: capabilities.has_capability(EXT_8BIT_MIME),
                     size: capabilities.has_capability(EXT_SIZE),
+                    chunking: capabilities.has_capability(EXT_CHUNKING),
                 },
+                last_reply: Instant::now(),
                 settings: settings.clone(),
                 needs_reset: false,
             })
@@ -421,6 +433,7 @@ async fn read_replies(
             Ok(reply) => {
                 let used = connection.read_buffer.len() - bytes.as_slice().len();
                 connection.read_buffer.drain(..used);
+                connection.last_reply = Instant::now();
                 replies.push(reply);
                 parser.reset();
                 continue;
@@ -538,18 +551,43 @@ enum TransmitError {
     EnvelopeChanged(String),
 }
 
-/// The replayed envelope if any, then DATA, the dot-stuffed message and the
-/// final dot; the upstream's final reply.
+/// The replayed envelope if any, then the message: as one `BDAT LAST` when
+/// the upstream offers CHUNKING and the connection just answered, else
+/// `DATA`, the dot-stuffed message and the final dot. The upstream's final
+/// reply.
 async fn transmit(
     connection: &mut Connection,
     replay: &[EnvelopeCommand],
-    message: &[u8],
+    message: &Signed,
     timeout: Duration,
 ) -> Result<Response<String>, TransmitError> {
     match exchange(connection, replay, &[], timeout).await {
         Ok(_) => {}
         Err(ExchangeError::Io(error)) => return Err(TransmitError::BeforeContent(error)),
         Err(ExchangeError::Refused(error)) => return Err(TransmitError::EnvelopeChanged(error)),
+    }
+    let after = |error: String| TransmitError::AfterContent(error);
+    if connection.capabilities.chunking && connection.last_reply.elapsed() < BDAT_FRESHNESS {
+        let mut wire = Vec::with_capacity(message.len() + 32);
+        wire.extend_from_slice(format!("BDAT {} LAST\r\n", message.len()).as_bytes());
+        wire.extend_from_slice(&message.headers);
+        wire.extend_from_slice(&message.message);
+        let reply = tokio::time::timeout(timeout, async {
+            connection.stream.write_all(&wire).await?;
+            connection.stream.flush().await?;
+            read_replies(connection, 1).await
+        })
+        .await
+        .map_err(|_| after("timed out waiting for the upstream".into()))?
+        .map_err(|error| after(format!("talking to the upstream: {error}")))?;
+        let reply = reply
+            .into_iter()
+            .next()
+            .ok_or_else(|| after("no reply to the message".into()))?;
+        if !(200..300).contains(&reply.code) {
+            connection.needs_reset = true;
+        }
+        return Ok(reply);
     }
     let before = |error: String| TransmitError::BeforeContent(error);
     let go_ahead = tokio::time::timeout(timeout, async {
@@ -569,8 +607,13 @@ async fn transmit(
         connection.needs_reset = true;
         return Ok(go_ahead);
     }
-    let after = |error: String| TransmitError::AfterContent(error);
-    let content = dot_stuffed(message);
+    let mut content = Vec::with_capacity(message.len() + message.len() / 64 + 8);
+    dot_stuff_into(&mut content, &message.headers);
+    dot_stuff_into(&mut content, &message.message);
+    if !content.is_empty() && !content.ends_with(b"\r\n") {
+        content.extend_from_slice(b"\r\n");
+    }
+    content.extend_from_slice(b".\r\n");
     let reply = tokio::time::timeout(timeout, async {
         connection.stream.write_all(&content).await?;
         connection.stream.flush().await?;
@@ -585,25 +628,19 @@ async fn transmit(
         .ok_or_else(|| after("no reply to the message".into()))
 }
 
-/// `message` (CRLF line ends, ending in CRLF) with every line that starts
-/// with `.` given another, and the final `.` line: one buffer, one write.
-fn dot_stuffed(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
-    let mut line_start = 0;
-    if message.first() == Some(&b'.') {
+/// Appends `text` (which starts at a line start, CRLF line ends) with every
+/// line that starts with `.` given another.
+fn dot_stuff_into(out: &mut Vec<u8>, text: &[u8]) {
+    if text.first() == Some(&b'.') {
         out.push(b'.');
     }
-    for position in memchr::memmem::find_iter(message, b"\n.") {
-        out.extend_from_slice(&message[line_start..=position]);
+    let mut line_start = 0;
+    for position in memchr::memmem::find_iter(text, b"\n.") {
+        out.extend_from_slice(&text[line_start..=position]);
         out.push(b'.');
         line_start = position + 1;
     }
-    out.extend_from_slice(&message[line_start..]);
-    if !out.ends_with(b"\r\n") && !out.is_empty() {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    out
+    out.extend_from_slice(&text[line_start..]);
 }
 
 #[cfg(test)]
@@ -619,6 +656,7 @@ mod tests {
             pipelining: true,
             eight_bit_mime: true,
             size: true,
+            chunking: true,
         };
         let mut out = Vec::new();
         write_command(
@@ -652,12 +690,17 @@ mod tests {
     }
 
     #[test]
-    fn dot_stuffing_covers_every_line_and_ends_the_data() {
+    fn dot_stuffing_covers_every_line() {
+        let stuffed = |text: &[u8]| {
+            let mut out = Vec::new();
+            dot_stuff_into(&mut out, text);
+            out
+        };
         assert_eq!(
-            dot_stuffed(b".a\r\nb\r\n.\r\n..c\r\n"),
-            b"..a\r\nb\r\n..\r\n...c\r\n.\r\n"
+            stuffed(b".a\r\nb\r\n.\r\n..c\r\n"),
+            b"..a\r\nb\r\n..\r\n...c\r\n"
         );
-        assert_eq!(dot_stuffed(b"a\r\n"), b"a\r\n.\r\n");
-        assert_eq!(dot_stuffed(b""), b".\r\n");
+        assert_eq!(stuffed(b"a\r\n"), b"a\r\n");
+        assert_eq!(stuffed(b""), b"");
     }
 }
