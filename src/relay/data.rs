@@ -67,12 +67,17 @@ pub struct DataReceiver {
 }
 
 impl DataReceiver {
-    pub fn new(max_bytes: usize) -> Self {
+    /// A receiver for at most `max_bytes`; `declared` is the size the client
+    /// announced, if any, to allocate once.
+    pub fn new(max_bytes: usize, declared: Option<u64>) -> Self {
+        let expected = declared
+            .and_then(|size| usize::try_from(size).ok())
+            .unwrap_or(16 * 1024);
         Self {
             state: State::LineStart {
                 after_bare_lf: false,
             },
-            message: Vec::with_capacity(max_bytes.min(16 * 1024)),
+            message: Vec::with_capacity(max_bytes.min(expected)),
             max_bytes,
             line_length: 0,
             bytes_read: 0,
@@ -245,7 +250,7 @@ mod tests {
     /// Feeds `input` in chunks of `chunk` bytes; returns the message, what
     /// was found, and what followed the end.
     fn receive(input: &[u8], chunk: usize) -> Option<(Vec<u8>, Received, Vec<u8>)> {
-        let mut receiver = DataReceiver::new(1 << 20);
+        let mut receiver = DataReceiver::new(1 << 20, None);
         let mut offset = 0;
         while offset < input.len() {
             let end = (offset + chunk).min(input.len());
@@ -347,7 +352,7 @@ mod tests {
         let fits = format!("{}\r\n.\r\n", "a".repeat(MAX_LINE_OCTETS));
         assert!(!every_chunking(fits.as_bytes()).unwrap().1.line_too_long);
 
-        let mut receiver = DataReceiver::new(10);
+        let mut receiver = DataReceiver::new(10, None);
         assert_eq!(receiver.feed(b"0123456789abc\r\n"), (15, false));
         assert!(receiver.found.too_big);
         assert!(receiver.is_empty());

@@ -207,6 +207,8 @@ pub struct Protocol {
     input: Vec<u8>,
     /// Where unprocessed input starts.
     position: usize,
+    /// The command line being handled (kept to reuse its allocation).
+    line: Vec<u8>,
     /// Dropping the rest of a line that was too long.
     discarding_line: bool,
     phase: Phase,
@@ -264,6 +266,7 @@ impl Protocol {
             tls_active: false,
             input: Vec::with_capacity(16 * 1024),
             position: 0,
+            line: Vec::with_capacity(512),
             discarding_line: false,
             phase: Phase::Command,
             said_hello: false,
@@ -366,36 +369,44 @@ impl Protocol {
         self.tls_active || snapshot.settings.allow_plaintext_auth
     }
 
-    /// The next complete line of input (without its line end), if any.
-    /// Lines end at LF; a CR before it is dropped.
-    fn take_line(&mut self) -> Option<Vec<u8>> {
+    /// Moves the next complete line of input (without its line end) into
+    /// `line`, if there is one. Lines end at LF; a CR before it is dropped.
+    /// A line longer than `MAX_LINE` is refused and skipped.
+    fn take_line(&mut self, line: &mut Vec<u8>) -> bool {
         loop {
             let rest = &self.input[self.position..];
-            match memchr::memchr(b'\n', rest) {
-                Some(end) => {
-                    let line = rest[..end]
-                        .strip_suffix(b"\r")
-                        .unwrap_or(&rest[..end])
-                        .to_vec();
-                    self.position += end + 1;
-                    if std::mem::take(&mut self.discarding_line) {
-                        continue;
-                    }
-                    return Some(line);
+            let Some(end) = memchr::memchr(b'\n', rest) else {
+                if rest.len() > MAX_LINE {
+                    self.position = self.input.len();
+                    self.line_too_long();
                 }
-                None => {
-                    if rest.len() > MAX_LINE {
-                        self.position = self.input.len();
-                        if !self.discarding_line {
-                            self.discarding_line = true;
-                            self.errors += 1;
-                            self.shared.metrics.rejected("syntax");
-                            reply(&mut self.out, 500, "5.5.2 Line too long");
-                        }
-                    }
-                    return None;
+                return false;
+            };
+            let content = rest[..end].strip_suffix(b"\r").unwrap_or(&rest[..end]);
+            let discarding = std::mem::take(&mut self.discarding_line);
+            if discarding || content.len() > MAX_LINE {
+                self.position += end + 1;
+                if !discarding {
+                    self.line_too_long();
+                    self.discarding_line = false;
                 }
+                continue;
             }
+            line.clear();
+            line.extend_from_slice(content);
+            self.position += end + 1;
+            return true;
+        }
+    }
+
+    /// Refuses a line past `MAX_LINE`; the rest of it, up to its LF, is
+    /// dropped.
+    fn line_too_long(&mut self) {
+        if !self.discarding_line {
+            self.discarding_line = true;
+            self.errors += 1;
+            self.shared.metrics.rejected("syntax");
+            reply(&mut self.out, 500, "5.5.2 Line too long");
         }
     }
 
@@ -465,7 +476,9 @@ impl Protocol {
             if !self.batch.is_empty() && !joins_batch {
                 return Action::Envelope(std::mem::take(&mut self.batch_commands));
             }
-            let Some(line) = self.take_line() else {
+            let mut line = std::mem::take(&mut self.line);
+            if !self.take_line(&mut line) {
+                self.line = line;
                 if self.errors > MAX_ERRORS {
                     return self.close(421, "4.7.0 Too many errors, closing");
                 }
@@ -474,7 +487,7 @@ impl Protocol {
                 } else {
                     Action::Envelope(std::mem::take(&mut self.batch_commands))
                 };
-            };
+            }
             let phase = std::mem::replace(&mut self.phase, Phase::Command);
             let action = match phase {
                 Phase::Command => self.command(&line, step),
@@ -489,6 +502,10 @@ impl Protocol {
                     None
                 }
             };
+            // The buffer is kept for the next line; an AUTH line's content
+            // does not stay in it.
+            line.clear();
+            self.line = line;
             if let Some(action) = action {
                 return action;
             }
@@ -829,7 +846,7 @@ impl Protocol {
             "Start mail input; end with <CRLF>.<CRLF>",
         );
         self.phase = Phase::Data(Box::new(DataPhase {
-            receiver: DataReceiver::new(max),
+            receiver: DataReceiver::new(max, transaction.size),
             budget: self
                 .permit
                 .buffer(budget, self.shared.metrics.buffered_bytes()),
@@ -1730,6 +1747,10 @@ mod tests {
         assert_eq!(h.codes(), [500]);
         assert_eq!(h.feed("more of it\r\nNOOP\r\n"), Action::NeedInput);
         assert_eq!(h.codes(), [250]);
+        // Also when it arrives whole, with its line end.
+        let whole = format!("MAIL FROM:<{}@acme.test>\r\nNOOP\r\n", "a".repeat(MAX_LINE));
+        assert_eq!(h.feed(&whole), Action::NeedInput);
+        assert_eq!(h.codes(), [500, 250]);
     }
 
     #[test]
