@@ -559,6 +559,15 @@ impl Protocol {
                     reply(&mut self.out, 503, "5.5.1 TLS already active");
                 } else if !self.tls_offered {
                     reply(&mut self.out, 454, "4.7.0 TLS not available");
+                } else if self.tenant.is_some() {
+                    // RFC 3207 would have the login forgotten, and the
+                    // session already counts as its tenant's: no TLS after
+                    // a plaintext AUTH.
+                    reply(
+                        &mut self.out,
+                        503,
+                        "5.5.1 STARTTLS after AUTH is not allowed",
+                    );
                 } else {
                     reply(&mut self.out, 220, "2.0.0 Ready to start TLS");
                     // Anything pipelined after STARTTLS is dropped: it
@@ -1738,6 +1747,14 @@ mod tests {
         h.protocol.tls_started();
         assert_eq!(h.next(), Action::NeedInput);
         assert!(h.said().is_empty());
+    }
+
+    #[test]
+    fn no_starttls_after_a_plaintext_login() {
+        let mut h = Harness::new(snapshot());
+        h.login();
+        assert_eq!(h.feed("STARTTLS\r\n"), Action::NeedInput);
+        assert_eq!(h.codes(), [503]);
     }
 
     #[test]
