@@ -299,9 +299,10 @@ struct ThrottleState {
 /// Failed AUTH attempts across all connections of a pod.
 ///
 /// A source that keeps failing is refused for a while. A username that
-/// keeps failing is refused too, except from sources that recently logged
-/// in as it: so someone who knows a tenant's username can slow guessing of
-/// its password, but cannot lock the tenant's own clients out.
+/// keeps failing is refused too. Neither applies to a username logging in
+/// from a source it logged in from during the last day: so someone who
+/// knows a tenant's username, or shares its address behind a NAT, can slow
+/// guessing of its password but cannot lock the tenant's own clients out.
 pub struct AuthThrottle {
     key: hmac::Key,
     state: Mutex<ThrottleState>,
@@ -347,18 +348,23 @@ impl AuthThrottle {
         now: Instant,
     ) -> Result<(), Throttled> {
         let mut state = self.state();
-        if let Some(bucket) = state.sources.get_mut(&source)
-            && !bucket.has_token(AUTH_FAILURES_PER_SOURCE, now)
-        {
-            return Err(Throttled::Source);
-        }
+        // A username logging in from where it logged in before is let
+        // through: behind a NAT, tenants share their source with whoever
+        // fails there.
         let trusted = state.trusted.get(&username).is_some_and(|sources| {
             sources
                 .iter()
                 .any(|(s, at)| *s == source && now.saturating_duration_since(*at) < TRUSTED_FOR)
         });
-        if !trusted
-            && let Some(bucket) = state.usernames.get_mut(&username)
+        if trusted {
+            return Ok(());
+        }
+        if let Some(bucket) = state.sources.get_mut(&source)
+            && !bucket.has_token(AUTH_FAILURES_PER_SOURCE, now)
+        {
+            return Err(Throttled::Source);
+        }
+        if let Some(bucket) = state.usernames.get_mut(&username)
             && !bucket.has_token(AUTH_FAILURES_PER_USERNAME, now)
         {
             return Err(Throttled::Username);
@@ -550,6 +556,11 @@ mod tests {
         let next = throttle.username_key("guess-next");
         assert_eq!(throttle.check(attacker, next, now), Err(Throttled::Source));
         assert_eq!(throttle.check(tenant, next, now), Ok(()));
+        // A tenant that logged in from the attacker's address (a NAT)
+        // before still gets in from there.
+        let acme = throttle.username_key("acme");
+        throttle.succeeded(attacker, acme, now - Duration::from_secs(60));
+        assert_eq!(throttle.check(attacker, acme, now), Ok(()));
         // A failure a minute later is allowed again.
         let later = now + Duration::from_secs(60);
         assert_eq!(throttle.check(attacker, next, later), Ok(()));
