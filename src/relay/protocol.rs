@@ -264,7 +264,7 @@ impl Protocol {
             peer,
             tls_offered,
             tls_active: false,
-            input: Vec::with_capacity(16 * 1024),
+            input: Vec::with_capacity(4 * 1024),
             position: 0,
             line: Vec::with_capacity(512),
             discarding_line: false,

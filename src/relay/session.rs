@@ -21,8 +21,11 @@ use super::reload::ConfigStore;
 use super::snapshot::RelaySnapshot;
 use super::upstream::{Connection, Upstream};
 
-/// Room made in the input buffer before each read.
-const READ_CHUNK: usize = 64 * 1024;
+/// Room made in the input buffer before each read: small while commands
+/// come (a thousand idle sessions hold little), large for message data
+/// (fewer reads).
+const COMMAND_READ: usize = 4 * 1024;
+const DATA_READ: usize = 64 * 1024;
 
 /// How long a client may take, and how slowly it may send.
 #[derive(Clone, Copy, Debug)]
@@ -230,8 +233,13 @@ impl Shell {
         loop {
             self.flush(stream).await?;
             let deadline = self.deadline();
+            let room = if self.protocol.data_bytes().is_some() {
+                DATA_READ
+            } else {
+                COMMAND_READ
+            };
             let input = self.protocol.input();
-            input.reserve(READ_CHUNK);
+            input.reserve(room);
             let read = tokio::time::timeout_at(deadline.at.into(), stream.read_buf(input)).await;
             match read {
                 Err(_) => {
