@@ -107,18 +107,7 @@ impl Fixture {
             ),
         ]);
         let postfix = Postfix::start();
-        let settings = RelaySettings {
-            hostname: "relay.test".into(),
-            allow_plaintext_auth: true,
-            upstream: UpstreamSettings {
-                host: "127.0.0.1".into(),
-                port: postfix.port,
-                tls: UpstreamTls::None,
-                auth: None,
-                ca_certificates: None,
-            },
-            limits: setup.limits,
-        };
+        let settings = relay_settings(postfix.port, true, setup.limits);
         let mut fixture_config = KubeletDir::new();
         let shard = Self::shard(&a_key, &b_key, setup.a_per_minute);
         fixture_config.write(&files(&settings, &shard));
@@ -187,6 +176,22 @@ impl Fixture {
     }
 }
 
+/// The relay forwarding to Postfix on `port`.
+fn relay_settings(port: u16, allow_plaintext_auth: bool, limits: RelayLimits) -> RelaySettings {
+    RelaySettings {
+        hostname: "relay.test".into(),
+        allow_plaintext_auth,
+        upstream: UpstreamSettings {
+            host: "127.0.0.1".into(),
+            port,
+            tls: UpstreamTls::None,
+            auth: None,
+            ca_certificates: None,
+        },
+        limits,
+    }
+}
+
 fn files(settings: &RelaySettings, shard: &DomainShard) -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("relay.json", serde_json::to_vec(settings).expect("json")),
@@ -236,14 +241,14 @@ fn send_ok(connection: &mut SmtpConnection, from: &str, id: &str) {
 fn a_quoted_local_part_cannot_put_another_tenants_domain_in_the_envelope() {
     let f = Fixture::start(Setup::default());
     let mut a = f.tenant("tenant-a");
-    for (injected, _) in [
+    for (injected, what) in [
         ("<\"ceo@b.test> AUTH=<>\"@a.test>", "AUTH= after the path"),
         ("<\"ceo@b.test> SIZE=1\"@a.test>", "a parameter"),
         ("<\"ceo@b.test>\"@a.test>", "a closing bracket"),
         ("<\"ceo@b.test\r\"@a.test>", "a control character"),
     ] {
         let reply = a.command(&format!("MAIL FROM:{injected}")).expect("MAIL");
-        assert_eq!(code(&reply), 501, "{injected:?}: {reply}");
+        assert_eq!(code(&reply), 501, "{what}, {injected:?}: {reply}");
         assert!(reply.contains("5.1.7"), "{reply}");
         let _ = a.command("RSET");
     }
@@ -711,18 +716,7 @@ fn a_stalled_tls_handshake_is_cut() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (cert, tls_key) = self_signed_certificate(dir.path(), "relay.test");
     let postfix = Postfix::start();
-    let settings = RelaySettings {
-        hostname: "relay.test".into(),
-        allow_plaintext_auth: false,
-        upstream: UpstreamSettings {
-            host: "127.0.0.1".into(),
-            port: postfix.port,
-            tls: UpstreamTls::None,
-            auth: None,
-            ca_certificates: None,
-        },
-        limits: RelayLimits::default(),
-    };
+    let settings = relay_settings(postfix.port, false, RelayLimits::default());
     let mut config = KubeletDir::new();
     let (a, b) = (key("a2026"), key("b2026"));
     config.write(&files(&settings, &Fixture::shard(&a, &b, 100)));
@@ -982,7 +976,6 @@ fn only_accepted_mail_spends_the_rate_limit() {
     assert_eq!(code(&reply), 451, "{reply}");
     assert!(reply.contains("Rate limit"), "{reply}");
     assert_eq!(f.postfix.wait_for(2, WAIT).len(), 2);
-    let _ = f.a_per_minute;
 }
 
 // ---------------------------------------------------------------------------

@@ -275,7 +275,10 @@ async fn lockstep_connect(options: &Options) -> Result<Lockstep, BoxError> {
         let token =
             base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         // smtp-sink, the direct comparison, answers AUTH with 250.
-        session.stream.write_all(format!("AUTH PLAIN {token}\r\n").as_bytes()).await?;
+        session
+            .stream
+            .write_all(format!("AUTH PLAIN {token}\r\n").as_bytes())
+            .await?;
         session.stream.flush().await?;
         let code = session.reply().await?;
         if code != 235 && code != 250 {

@@ -537,17 +537,7 @@ pub struct SmtpConnection {
 impl SmtpConnection {
     /// Connects and reads the greeting.
     pub fn connect(port: u16) -> std::io::Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let writer = stream.try_clone()?;
-        let mut connection = Self {
-            reader: std::io::BufReader::new(stream),
-            writer,
-            greeting: String::new(),
-        };
-        connection.greeting = connection.read_reply()?;
-        Ok(connection)
+        Self::from_stream(TcpStream::connect(("127.0.0.1", port))?)
     }
 
     /// Connects from the loopback address `source` (any of 127.0.0.0/8),
