@@ -202,10 +202,38 @@ pub struct RelayLimits {
     pub max_connections: u32,
 
     /// Messages per minute each domain may send, unless its MailDomain asks
-    /// for less.
+    /// for less. Each relay pod counts on its own (see docs/relay.md).
     #[serde(default = "default_messages_per_minute")]
     #[schemars(range(min = 1, max = 1000000))]
     pub messages_per_minute: u32,
+
+    /// Most connections per relay pod that have not authenticated yet,
+    /// STARTTLS handshakes included: 100 by default, and never more than
+    /// `maxConnections`. Strangers can hold no more than these; the rest of
+    /// `maxConnections` stays for tenants that have logged in.
+    #[serde(default = "default_max_unauthenticated_connections")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_unauthenticated_connections: u32,
+
+    /// Most not-yet-authenticated connections per relay pod from one IP
+    /// address (one /64 network for IPv6): 10 by default.
+    #[serde(default = "default_max_unauthenticated_connections_per_source")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_unauthenticated_connections_per_source: u32,
+
+    /// Most concurrent sessions per relay pod of one tenant (one SMTP
+    /// username) after it logged in: 100 by default. Past it, AUTH answers
+    /// 454 until one of its sessions ends.
+    #[serde(default = "default_max_connections_per_tenant")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_connections_per_tenant: u32,
+
+    /// Most message data one tenant's sessions may hold in a relay pod's
+    /// memory at once, in bytes: 100 MiB by default, and never less than
+    /// `maxMessageBytes`. A message past it gets 452 (try again later).
+    #[serde(default = "default_max_buffered_bytes_per_tenant")]
+    #[schemars(range(min = 1024, max = 17179869184u64))]
+    pub max_buffered_bytes_per_tenant: u64,
 }
 
 /// What the operator observed about a MailRelay.
@@ -287,6 +315,22 @@ fn default_messages_per_minute() -> u32 {
     600
 }
 
+fn default_max_unauthenticated_connections() -> u32 {
+    100
+}
+
+fn default_max_unauthenticated_connections_per_source() -> u32 {
+    10
+}
+
+fn default_max_connections_per_tenant() -> u32 {
+    100
+}
+
+fn default_max_buffered_bytes_per_tenant() -> u64 {
+    100 * 1024 * 1024
+}
+
 impl AllowedNamespaces {
     /// Whether a MailDomain in `namespace` (with these labels) may use a
     /// relay in `relay_namespace`. `Err` says why not, for the tenant.
@@ -360,6 +404,11 @@ impl Default for RelayLimits {
             max_recipients: default_max_recipients(),
             max_connections: default_max_connections(),
             messages_per_minute: default_messages_per_minute(),
+            max_unauthenticated_connections: default_max_unauthenticated_connections(),
+            max_unauthenticated_connections_per_source:
+                default_max_unauthenticated_connections_per_source(),
+            max_connections_per_tenant: default_max_connections_per_tenant(),
+            max_buffered_bytes_per_tenant: default_max_buffered_bytes_per_tenant(),
         }
     }
 }

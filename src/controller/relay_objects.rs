@@ -190,6 +190,9 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
         format!("--config-secrets={}", relay.name_any()),
         format!("--listen=0.0.0.0:{port}"),
         format!("--admin-listen=0.0.0.0:{RELAY_ADMIN_PORT}"),
+        // Each replica counts alone: N replicas each allow 1/N, so the
+        // relay as a whole keeps every domain's messagesPerMinute.
+        format!("--rate-limit-share={}", spec.replicas.max(1)),
     ];
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
@@ -396,13 +399,19 @@ mod tests {
 
     #[test]
     fn deployment_reads_its_config_secrets_with_restricted_security() {
-        let deployment = deployment(&relay(), "example/relay:1");
+        let mut relay = relay();
+        relay.spec.replicas = 3;
+        let deployment = deployment(&relay, "example/relay:1");
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         let container = &pod.containers[0];
         let args = container.args.clone().unwrap();
         assert!(args.contains(&"--config-secrets=shared".to_string()));
         assert!(args.contains(&"--tls-cert=/etc/mailauth/tls/tls.crt".to_string()));
         assert!(args.contains(&"--listen=0.0.0.0:587".to_string()));
+        assert!(
+            args.contains(&"--rate-limit-share=3".to_string()),
+            "{args:?}"
+        );
         assert_eq!(container.image.as_deref(), Some("example/relay:1"));
         assert_eq!(pod.service_account_name.as_deref(), Some("shared-relay"));
         let env = container.env.clone().unwrap();

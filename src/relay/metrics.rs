@@ -25,6 +25,7 @@ pub struct RelayMetrics {
     config_domains: Gauge,
     config_tenants: Gauge,
     config_rejected: Family<ReasonLabel, Gauge>,
+    buffered_bytes: Gauge,
 }
 
 impl RelayMetrics {
@@ -42,6 +43,7 @@ impl RelayMetrics {
             config_domains: Gauge::default(),
             config_tenants: Gauge::default(),
             config_rejected: Family::default(),
+            buffered_bytes: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("mailauth_relay");
         r.register(
@@ -99,7 +101,17 @@ impl RelayMetrics {
             "Entries of the current config that are not served, by reason",
             metrics.config_rejected.clone(),
         );
+        r.register(
+            "buffered_bytes",
+            "Message data held in memory, all sessions together",
+            metrics.buffered_bytes.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    /// The gauge of buffered message bytes, for the reservations to keep.
+    pub fn buffered_bytes(&self) -> Gauge {
+        self.buffered_bytes.clone()
     }
 
     /// Metrics that go nowhere, for tests of parts that need some.

@@ -1,19 +1,29 @@
 //! The signing relay: SMTP submission, tenant AUTH, sender policy, DKIM
 //! signing, forwarding.
 //!
-//! Pure core: [`policy`] (who may send as what), [`address`] and
-//! [`message`] (reading headers without changing them), [`auth`]
-//! (credential hashes), [`rate_limit`], [`snapshot`] (the merged config).
-//! Shells: [`session`] (one SMTP conversation), [`server`] (listener, TLS,
-//! connection limit), [`upstream`] (mail-send client and pool), [`reload`]
-//! (config directory polling), [`metrics`].
+//! Pure core: [`protocol`] (the SMTP state machine), [`command`] and
+//! [`path`] (command lines and envelope addresses), [`data`] (message
+//! data), [`message`] (the header section, as the signer reads it),
+//! [`policy`] (who may send as what), [`address`] (From header addresses),
+//! [`auth`] (credential hashes), [`limits`] (connection slots, tenant
+//! budgets, AUTH throttle), [`rate_limit`], [`snapshot`] (the merged
+//! config). Shells: [`session`] (one connection's I/O and clocks),
+//! [`server`] (listener and admission), [`upstream`] (the smarthost client
+//! and pool), [`reload`] (config directory polling), [`metrics`].
+//! docs/relay.md describes the limits and the choices behind them.
 
 pub mod address;
 pub mod auth;
+pub mod command;
 pub mod config;
+pub mod data;
+pub mod limits;
+pub mod log;
 pub mod message;
 pub mod metrics;
+pub mod path;
 pub mod policy;
+pub mod protocol;
 pub mod rate_limit;
 pub mod reload;
 pub mod server;
@@ -26,7 +36,6 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use clap::Args;
@@ -92,6 +101,35 @@ pub struct RelayArgs {
     /// Idle upstream connections kept open for reuse.
     #[arg(long, default_value_t = 64)]
     pub upstream_pool_size: usize,
+
+    /// How long a client may take from connecting to a successful AUTH
+    /// (STARTTLS included). NOOP and RSET do not extend it.
+    #[arg(long, default_value = "30s", value_parser = parse_std_duration)]
+    pub auth_timeout: Duration,
+
+    /// How long a STARTTLS handshake may take.
+    #[arg(long, default_value = "10s", value_parser = parse_std_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// The longest a session may last, whatever it does.
+    #[arg(long, default_value = "30m", value_parser = parse_std_duration)]
+    pub session_timeout: Duration,
+
+    /// Bytes per second that message data must average once it has run
+    /// for --min-data-rate-after; slower senders get 421. 0 turns the
+    /// check off.
+    #[arg(long, default_value_t = 1024)]
+    pub min_data_rate: u64,
+
+    /// How long message data may run before --min-data-rate applies.
+    #[arg(long, default_value = "30s", value_parser = parse_std_duration)]
+    pub min_data_rate_after: Duration,
+
+    /// Each replica enforces the per-domain rate limits divided by this:
+    /// set it to the number of replicas so the limits hold for the whole
+    /// relay (docs/relay.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_share: u32,
 
     /// How often the config directory is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_std_duration)]
@@ -179,13 +217,23 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     let upstream = upstream::Upstream::new(args.upstream_timeout, args.upstream_pool_size)
         .map_err(RelayError::UpstreamTls)?;
     let context = Arc::new(session::SessionContext {
+        store: store.clone(),
         upstream: Arc::new(upstream),
-        rate_limiter: Arc::new(rate_limit::RateLimiter::default()),
-        metrics: metrics.clone(),
+        shared: Arc::new(protocol::Shared {
+            rate_limiter: rate_limit::RateLimiter::default(),
+            auth_throttle: limits::AuthThrottle::default(),
+            metrics: metrics.clone(),
+            rate_limit_share: args.rate_limit_share,
+        }),
         tls,
         timeouts: session::Timeouts {
             command: args.command_timeout,
             data: args.data_timeout,
+            authentication: args.auth_timeout,
+            tls_handshake: args.tls_handshake_timeout,
+            session: args.session_timeout,
+            min_data_rate: args.min_data_rate,
+            min_data_rate_after: args.min_data_rate_after,
         },
     });
 
@@ -227,13 +275,8 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
     };
     let certificate_watcher = certificate
         .map(|certificate| tokio::spawn(certificate.watch(args.reload_interval, metrics.clone())));
-    let active = Arc::new(AtomicUsize::new(0));
-    let accepting = tokio::spawn(server::accept_loop(
-        listener,
-        store,
-        context,
-        active.clone(),
-    ));
+    let admission = Arc::new(limits::Admission::default());
+    let accepting = tokio::spawn(server::accept_loop(listener, admission.clone(), context));
 
     let result = tokio::select! {
         () = shutdown_signal() => Ok(()),
@@ -248,7 +291,7 @@ pub async fn run(args: RelayArgs) -> Result<(), RelayError> {
         certificate_watcher.abort();
     }
     let _ = stop_admin.send(());
-    drain(&active, args.command_timeout).await;
+    drain(&admission, args.command_timeout).await;
     result
 }
 
@@ -270,11 +313,9 @@ enum ConfigSource {
 }
 
 /// Waits until open sessions end, at most `limit`.
-async fn drain(active: &AtomicUsize, limit: Duration) {
+async fn drain(admission: &limits::Admission, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
-    while active.load(std::sync::atomic::Ordering::Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while admission.open() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

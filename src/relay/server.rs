@@ -1,37 +1,30 @@
-//! The SMTP listener: the concurrent connection limit, and one task per
-//! session.
+//! The SMTP listener: admission (connection slots, see [`super::limits`])
+//! and one task per session.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-use super::reload::ConfigStore;
+use super::limits::Admission;
 use super::session::{self, SessionContext};
 
-/// Counts a connection for as long as it lives.
-struct ConnectionSlot {
-    active: Arc<AtomicUsize>,
-    context: Arc<SessionContext>,
-}
+/// Counts a connection in the metrics for as long as it lives.
+struct Counted(Arc<SessionContext>);
 
-impl Drop for ConnectionSlot {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        self.context.metrics.connection_closed();
+        self.0.shared.metrics.connection_closed();
     }
 }
 
-/// Accepts connections forever; `active` counts the open ones.
+/// Accepts connections forever.
 pub async fn accept_loop(
     listener: TcpListener,
-    store: Arc<ConfigStore>,
+    admission: Arc<Admission>,
     context: Arc<SessionContext>,
-    active: Arc<AtomicUsize>,
 ) {
     loop {
-        let (mut tcp, peer) = match listener.accept().await {
+        let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Usually EMFILE: back off a little instead of spinning.
@@ -40,34 +33,40 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Some(snapshot) = store.current() else {
-            tokio::spawn(async move {
-                let _ = tcp
-                    .write_all(b"421 4.3.0 Relay not configured yet, try again later\r\n")
-                    .await;
-            });
+        // A refusal is one short line into an empty socket buffer: it is
+        // written without waiting (or not at all), never with a task per
+        // stranger.
+        let Some(snapshot) = context.store.current() else {
+            let _ = tcp.try_write(b"421 4.3.0 Relay not configured yet, try again later\r\n");
             continue;
         };
-        let limit = snapshot.settings.limits.max_connections as usize;
-        if active.fetch_add(1, Ordering::Relaxed) >= limit {
-            active.fetch_sub(1, Ordering::Relaxed);
-            context.metrics.rejected("too_many_connections");
-            tokio::spawn(async move {
-                let _ = tcp
-                    .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
-                    .await;
-            });
-            continue;
-        }
-        context.metrics.connection_opened();
-        let slot = ConnectionSlot {
-            active: active.clone(),
-            context: context.clone(),
+        let permit = match admission.admit(peer.ip(), &snapshot.settings.limits) {
+            Ok(permit) => permit,
+            Err(refused) => {
+                context.shared.metrics.rejected(refused.reason());
+                let reply = format!(
+                    "421 4.7.0 {}, try again later\r\n",
+                    capitalized(&refused.to_string())
+                );
+                let _ = tcp.try_write(reply.as_bytes());
+                continue;
+            }
         };
+        drop(snapshot);
+        context.shared.metrics.connection_opened();
+        let counted = Counted(context.clone());
         let context = context.clone();
         tokio::spawn(async move {
-            session::serve(tcp, peer, snapshot, context).await;
-            drop(slot);
+            session::serve(tcp, peer, permit, context).await;
+            drop(counted);
         });
     }
+}
+
+fn capitalized(text: &str) -> String {
+    let mut text = text.to_string();
+    if let Some(first) = text.get_mut(..1) {
+        first.make_ascii_uppercase();
+    }
+    text
 }

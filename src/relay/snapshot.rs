@@ -45,6 +45,12 @@ impl Tenant {
     pub fn password_matches(&self, password: &[u8]) -> bool {
         self.password_hash.matches(password)
     }
+
+    /// The stored credential: a session compares it with the one it logged
+    /// in with, so a re-issued password ends sessions opened with the old.
+    pub fn credential(&self) -> &PasswordHash {
+        &self.password_hash
+    }
 }
 
 /// A domain the relay signs for.
@@ -349,6 +355,29 @@ impl ShardCache {
     }
 }
 
+/// A snapshot of exactly these settings and shards, for unit tests of what
+/// uses one. Panics when an entry would be left out.
+#[cfg(test)]
+pub fn for_test(settings: &RelaySettings, shards: &[super::config::DomainShard]) -> RelaySnapshot {
+    let parts = ConfigParts {
+        settings: Some(ConfigPart {
+            name: SETTINGS_FILE.into(),
+            bytes: serde_json::to_vec(settings).unwrap(),
+        }),
+        shards: shards
+            .iter()
+            .enumerate()
+            .map(|(i, shard)| ConfigPart {
+                name: format!("{SHARD_PREFIX}{i}.json"),
+                bytes: serde_json::to_vec(shard).unwrap(),
+            })
+            .collect(),
+    };
+    let loaded = build(&parts, &mut ShardCache::default()).unwrap();
+    assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+    loaded.snapshot
+}
+
 /// A snapshot and what it left out.
 #[derive(Debug)]
 pub struct Loaded {
@@ -545,6 +574,8 @@ mod tests {
     use crate::dkim::{NewKey, generate};
     use crate::relay::auth::hash_password;
     use crate::relay::config::{DomainShard, SigningKeyEntry, UpstreamSettings};
+    use crate::relay::message::header_section;
+    use crate::relay::path::parse_reverse_path;
     use crate::relay::policy::{check_envelope_sender, check_header_sender};
 
     fn settings() -> RelaySettings {
@@ -632,14 +663,16 @@ mod tests {
         let acme = snapshot.tenant("acme").unwrap();
         assert!(acme.password_matches(b"pw"));
         assert!(!acme.password_matches(b"wrong"));
-        assert_eq!(
-            check_envelope_sender(&acme.grant, "x@bounces.acme.test"),
-            Ok(())
-        );
-        assert!(check_envelope_sender(&acme.grant, "x@unverified.test").is_err());
-        assert!(check_envelope_sender(&acme.grant, "x@other.test").is_err());
-        let message = b"From: a@acme.test\r\n\r\nhi\r\n";
-        assert_eq!(check_header_sender(&acme.grant, message), Ok("acme.test"));
+        let envelope = |path: &str| {
+            let (path, _) = parse_reverse_path(path.as_bytes()).unwrap();
+            check_envelope_sender(&acme.grant, &path)
+        };
+        assert_eq!(envelope("<x@bounces.acme.test>"), Ok(()));
+        assert!(envelope("<x@unverified.test>").is_err());
+        assert!(envelope("<x@other.test>").is_err());
+        let other = header_section(b"From: x@other.test\r\n\r\n").unwrap();
+        assert!(check_header_sender(&acme.grant, &other).is_err());
+        assert_eq!(snapshot.domain("acme.test").unwrap().signers.len(), 1);
     }
 
     #[test]

@@ -9,9 +9,15 @@
 # Everything listens on 127.0.0.1; every process started here is stopped on
 # exit. Results: a table on stdout and in target/bench/relay.txt.
 #
+# A second matrix (issue 14) uses a client that sends one command per round
+# trip, as Go's net/smtp and most application mailers do, with 1 and 50
+# messages per connection, and sets the relay next to the same generator
+# sent straight to the sink.
+#
 #   tests/bench/relay.sh                     # full run, a few minutes
 #   RELAY_BENCH_MESSAGES=500 tests/bench/relay.sh   # quicker, noisier
 #   RELAY_BENCH_POSTFIX=0 tests/bench/relay.sh      # skip Postfix + OpenDKIM
+#   RELAY_BENCH_ONLY=lockstep tests/bench/relay.sh  # only the lockstep matrix
 #
 # Needs: postfix (smtp-sink), opendkim, openssl, python3.
 set -euo pipefail
@@ -20,6 +26,7 @@ cd "$(dirname "$0")/../.."
 ROOT=$PWD
 MESSAGES=${RELAY_BENCH_MESSAGES:-2000}
 WITH_POSTFIX=${RELAY_BENCH_POSTFIX:-1}
+ONLY=${RELAY_BENCH_ONLY:-all}
 OUT_DIR=$ROOT/target/bench
 OUT=$OUT_DIR/relay.txt
 mkdir -p "$OUT_DIR"
@@ -142,24 +149,27 @@ chmod 0600 "$WORK/dkim.pem"
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=relay.bench \
     -keyout "$WORK/tls.key" -out "$WORK/tls.crt" 2>/dev/null
 
-# $1: config directory, $2: upstream port.
+# $1: config directory, $2: upstream port, $3: allow plaintext AUTH
+# (true/false).
 write_relay_config() {
-    local dir=$1 upstream_port=$2
+    local dir=$1 upstream_port=$2 plaintext=${3:-false}
     mkdir -p "$dir"
-    python3 - "$dir" "$upstream_port" "$WORK/dkim.pem" "$DOMAIN" "$SELECTOR" "$TENANT" "$PASSWORD" <<'EOF'
+    python3 - "$dir" "$upstream_port" "$WORK/dkim.pem" "$DOMAIN" "$SELECTOR" "$TENANT" "$PASSWORD" "$plaintext" <<'EOF'
 import base64, hashlib, json, os, sys
-directory, port, key_file, domain, selector, tenant, password = sys.argv[1:]
+directory, port, key_file, domain, selector, tenant, password, plaintext = sys.argv[1:]
 salt = os.urandom(16)
 digest = hashlib.sha256(salt + password.encode()).digest()
 settings = {
     "hostname": "relay.bench",
-    "allowPlaintextAuth": False,
+    "allowPlaintextAuth": plaintext == "true",
     "upstream": {"host": "127.0.0.1", "port": int(port), "tls": "None"},
     "limits": {
         "maxMessageBytes": 26214400,
         "maxRecipients": 100,
         "maxConnections": 1000,
         "messagesPerMinute": 1000000,
+        "maxUnauthenticatedConnections": 1000,
+        "maxUnauthenticatedConnectionsPerSource": 1000,
     },
 }
 shard = {
@@ -209,17 +219,18 @@ wait_sink_count() {
     done
 }
 
-# Starts the relay forwarding to port $1. Sets RELAY_PORT, RELAY_PID.
+# Starts the relay forwarding to port $1 ($2: allow plaintext AUTH).
+# Sets RELAY_PORT, RELAY_PID.
 start_relay() {
-    local upstream_port=$1 dir=$WORK/relay-$1
-    write_relay_config "$dir" "$upstream_port"
+    local upstream_port=$1 plaintext=${2:-false} dir=$WORK/relay-$1-${2:-false}
+    write_relay_config "$dir" "$upstream_port" "$plaintext"
     RELAY_PORT=$(free_port)
     local admin_port
     admin_port=$(free_port)
     # Production settings: JSON logs at info, one line per message.
     LOG_FORMAT=json "$RELAY_BIN" relay --config-dir "$dir" \
         --listen "127.0.0.1:$RELAY_PORT" --admin-listen "127.0.0.1:$admin_port" \
-        --tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key" >"$WORK/relay-$1.log" 2>&1 &
+        --tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key" >"$dir.log" 2>&1 &
     RELAY_PID=$!
     PIDS+=("$RELAY_PID")
     wait_port "$RELAY_PORT"
@@ -230,7 +241,7 @@ start_relay() {
         fi
         sleep 0.1
     done
-    die "the relay did not become ready: $(tail -5 "$WORK/relay-$1.log")"
+    die "the relay did not become ready: $(tail -5 "$dir.log")"
 }
 
 # `key=value` field $2 of line $1.
@@ -259,7 +270,7 @@ load "$MAIN_SINK_PORT" --messages 200 --concurrency 20 --size 10240 >/dev/null
 ROWS=()
 RATIOS=()
 # size concurrency messages
-CASES=(
+[[ $ONLY == lockstep ]] && CASES=() || CASES=(
     "2048 1 $((MESSAGES / 4))"
     "2048 20 $MESSAGES"
     "10240 1 $((MESSAGES / 4))"
@@ -268,7 +279,7 @@ CASES=(
     "102400 1 $((MESSAGES / 8))"
     "102400 20 $((MESSAGES / 2))"
 )
-for case in "${CASES[@]}"; do
+for case in ${CASES[@]+"${CASES[@]}"}; do
     read -r size concurrency count <<<"$case"
     log "size $size, concurrency $concurrency, $count messages"
 
@@ -309,9 +320,74 @@ EOF
     tail -n 1 "$WORK/rows.txt" >&2
 done
 
+### Lockstep matrix ############################################################
+# One command per round trip (smtp_load --client lockstep), 1 and 50
+# messages per connection, AUTH PLAIN. "direct": the generator straight to
+# smtp-sink (which takes any AUTH); "plain": through a relay that allows
+# AUTH without TLS, so the two differ only by the relay; "tls": through the
+# relay with STARTTLS, as in production. CPU per message is the relay
+# process's, next to signing alone (sign_only) for the same message.
+
+start_relay "$MAIN_SINK_PORT" true
+PLAIN_RELAY_PID=$RELAY_PID
+PLAIN_RELAY_PORT=$RELAY_PORT
+LOCKSTEP_CONCURRENCY=20
+load "$PLAIN_RELAY_PORT" --client lockstep --per-connection 50 --auth "$TENANT:$PASSWORD" \
+    --messages 200 --concurrency "$LOCKSTEP_CONCURRENCY" --size 10240 >/dev/null
+
+# $1: label, $2: relay pid, $3: port, rest: generator arguments. Prints
+# "rate cpu_ms_per_msg".
+relay_run() {
+    local pid=$2 port=$3 count before cpu_before started finished cpu_after
+    shift 3
+    count=$LOCKSTEP_COUNT
+    before=$(sink_count "$MAIN_SINK_COUNTER")
+    cpu_before=$(proc_cpu_ticks "$pid")
+    started=$(now_ns)
+    load "$port" "$@" >/dev/null
+    wait_sink_count "$MAIN_SINK_COUNTER" $((before + count))
+    finished=$(now_ns)
+    cpu_after=$(proc_cpu_ticks "$pid")
+    python3 -c "import sys; c, s, f, b, a, t = map(int, sys.argv[1:]); print(f'{c / ((f - s) / 1e9):.1f} {(a - b) / t * 1000 / c:.3f}')" \
+        "$count" "$started" "$finished" "$cpu_before" "$cpu_after" "$TICKS_PER_SECOND"
+}
+
+LOCKSTEP_ROWS=()
+if [[ $ONLY == all || $ONLY == lockstep ]]; then
+    for case in "2048 1" "2048 50" "10240 1" "10240 50" "102400 1" "102400 50"; do
+        read -r size per_connection <<<"$case"
+        # 50 per connection: every client sends at least one whole connection.
+        LOCKSTEP_COUNT=$MESSAGES
+        ((size < 102400)) || LOCKSTEP_COUNT=$((MESSAGES / 2))
+        ((LOCKSTEP_COUNT >= LOCKSTEP_CONCURRENCY * per_connection)) ||
+            LOCKSTEP_COUNT=$((LOCKSTEP_CONCURRENCY * per_connection))
+        log "lockstep: size $size, $per_connection per connection, $LOCKSTEP_COUNT messages"
+        common=(--client lockstep --per-connection "$per_connection" --auth "$TENANT:$PASSWORD"
+            --messages "$LOCKSTEP_COUNT" --concurrency "$LOCKSTEP_CONCURRENCY" --size "$size")
+        direct=$(load "$MAIN_SINK_PORT" "${common[@]}")
+        direct_rate=$(field "$direct" rate)
+        read -r plain_rate plain_cpu <<<"$(relay_run plain "$PLAIN_RELAY_PID" "$PLAIN_RELAY_PORT" "${common[@]}")"
+        read -r tls_rate tls_cpu <<<"$(relay_run tls "$MAIN_RELAY_PID" "$MAIN_RELAY_PORT" "${common[@]}" --starttls)"
+        signed=$("$SIGN_BIN" --key "$WORK/dkim.pem" --domain "$DOMAIN" --selector "$SELECTOR" \
+            --from "alice@$DOMAIN" --messages "$LOCKSTEP_COUNT" --size "$size")
+        sign_cpu=$(field "$signed" cpu_ms_per_msg)
+        row=$(python3 -c "
+import sys
+size, per, direct, plain, tls, plain_cpu, tls_cpu, sign = sys.argv[1:]
+size, per = int(size), int(per)
+direct, plain, tls, plain_cpu, tls_cpu, sign = map(float, (direct, plain, tls, plain_cpu, tls_cpu, sign))
+print(f'{size // 1024:>4} KB {per:>4} {direct:>9.0f} {plain:>9.0f} {plain / direct * 100:>6.0f}% {tls:>9.0f} '
+      f'{sign:>8.3f} {plain_cpu:>9.3f} {plain_cpu / sign:>6.2f}x {tls_cpu:>9.3f} {tls_cpu / sign:>6.2f}x')
+" "$size" "$per_connection" "$direct_rate" "$plain_rate" "$tls_rate" "$plain_cpu" "$tls_cpu" "$sign_cpu")
+        LOCKSTEP_ROWS+=("$row")
+        log "$row"
+    done
+fi
+
 ### Postfix + OpenDKIM ########################################################
 
 COMPARISON=""
+[[ $ONLY == all ]] || WITH_POSTFIX=0
 if [[ $WITH_POSTFIX == 1 ]]; then
     if ! command -v postfix >/dev/null || ! command -v opendkim >/dev/null; then
         log "installing postfix and opendkim"
@@ -330,8 +406,8 @@ if [[ $WITH_POSTFIX == 1 ]]; then
     COMPARE_SINK_PORT=$SINK_PORT
     COMPARE_SINK_COUNTER=$SINK_COUNTER
 
-    # OpenDKIM: the same key, relaxed/relaxed, the relay's header list
-    # with From over-signed.
+    # OpenDKIM: the same key, relaxed/relaxed, the relay's header list,
+    # every one over-signed as the relay does.
     MILTER_PORT=$(free_port)
     cat >"$WORK/opendkim.conf" <<EOF
 Syslog                  no
@@ -343,8 +419,8 @@ Selector                $SELECTOR
 KeyFile                 $WORK/dkim.pem
 RequireSafeKeys         false
 Canonicalization        relaxed/relaxed
-SignHeaders             From,To,Cc,Subject,Date,Message-ID,Reply-To,In-Reply-To,References,MIME-Version,Content-Type,Content-Transfer-Encoding
-OversignHeaders         From
+SignHeaders             From,Sender,Reply-To,To,Cc,Subject,Date,Message-ID,In-Reply-To,References,MIME-Version,Content-Type,Content-Transfer-Encoding,List-Id,List-Unsubscribe,List-Unsubscribe-Post
+OversignHeaders         From,Sender,Reply-To,To,Cc,Subject,Date,Message-ID,In-Reply-To,References,MIME-Version,Content-Type,Content-Transfer-Encoding,List-Id,List-Unsubscribe,List-Unsubscribe-Post
 InternalHosts           127.0.0.1
 EOF
     opendkim -f -x "$WORK/opendkim.conf" >"$WORK/opendkim.log" 2>&1 &
@@ -469,12 +545,22 @@ fi
     printf '%7s %4s %6s %9s %8s %8s %8s %8s %8s %8s %9s %9s %7s\n' \
         size conc msgs "msgs/s" "p50 ms" "p99 ms" "sink p50" "sink p99" "+p50 ms" "+p99 ms" \
         "relay ms" "sign ms" "ratio"
-    cat "$WORK/rows.txt"
+    [[ -f $WORK/rows.txt ]] && cat "$WORK/rows.txt"
     printf '\nmsgs/s: relay, until the sink counted them all. p50/p99: per message through the relay;\n'
     printf 'sink p50/p99: the same generator straight to smtp-sink (no TLS, no AUTH); +p50/+p99: the\n'
     printf 'difference, i.e. what the relay adds (target: +p99 < 5 ms). relay ms: the relay'"'"'s CPU\n'
     printf '(utime+stime) per message; sign ms: mail-auth signing the same messages alone, one thread;\n'
     printf 'ratio: relay / sign (target: at most 2x). Generator, relay and sink share the cores.\n'
+    if ((${#LOCKSTEP_ROWS[@]} > 0)); then
+        printf '\nOne command per round trip (as Go net/smtp), AUTH PLAIN, concurrency %s, RSA-2048:\n' "$LOCKSTEP_CONCURRENCY"
+        printf '%7s %4s %9s %9s %7s %9s %8s %9s %7s %9s %7s\n' size "/con" "direct/s" "plain/s" "of dir" "tls/s" \
+            "sign ms" "plain ms" ratio "tls ms" ratio
+        printf '%s\n' "${LOCKSTEP_ROWS[@]}"
+        printf '/con: messages per connection. direct/s: the generator straight to smtp-sink; plain/s: through\n'
+        printf 'the relay without TLS (targets: at least 90%% of direct, "of dir"); tls/s: through the relay\n'
+        printf 'with STARTTLS (a full handshake per connection). plain/tls ms: relay CPU per message; ratio:\n'
+        printf 'relay / sign alone (target: at most 1.5x).\n'
+    fi
     if [[ -n $COMPARISON ]]; then
         printf '\n%s\n' "$COMPARISON"
     fi

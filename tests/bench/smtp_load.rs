@@ -1,12 +1,22 @@
-//! SMTP load generator for tests/bench/relay.sh: `concurrency` clients,
-//! each on one connection (optionally STARTTLS and AUTH PLAIN), submit
-//! `messages` messages of about `size` bytes in total, as fast as the server
-//! answers. smtp-source cannot authenticate, so the relay and the Postfix
-//! comparison both use this one.
+//! SMTP load generator for tests/bench/relay.sh: `concurrency` clients
+//! (optionally STARTTLS and AUTH PLAIN) submit `messages` messages of about
+//! `size` bytes in total, as fast as the server answers. smtp-source cannot
+//! authenticate, so the relay and the Postfix comparison both use this one.
+//!
+//! Two clients:
+//! - `--client mail-send` (default): mail-send's SmtpClient, each client on
+//!   one connection for all its messages.
+//! - `--client lockstep`: one command per round trip and nothing pipelined,
+//!   as Go's net/smtp and most application mailers talk: each command is
+//!   one write and waits for its reply; the message goes out in 4 KiB
+//!   writes (net/smtp's bufio) and its final dot. `--per-connection N`
+//!   sends N messages per connection, then QUIT and a new connection (with
+//!   its greeting, EHLO, STARTTLS and AUTH again).
 //!
 //! ```text
 //! smtp_load --port P [--messages N] [--concurrency C] [--size BYTES]
 //!           [--starttls] [--auth USER:PASSWORD] [--from ADDRESS]
+//!           [--client mail-send|lockstep] [--per-connection N]
 //! ```
 //!
 //! Prints one `key=value` line: messages, concurrency, size, elapsed_s,
@@ -19,7 +29,7 @@ use std::time::{Duration, Instant};
 use mail_send::smtp::AssertReply as _;
 use mail_send::smtp::message::Message;
 use mail_send::{Credentials, SmtpClient};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Clone, Debug)]
 struct Options {
@@ -30,12 +40,15 @@ struct Options {
     starttls: bool,
     auth: Option<(String, String)>,
     from: String,
+    lockstep: bool,
+    per_connection: usize,
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!(
         "smtp_load: {problem}\nusage: smtp_load --port P [--messages N] [--concurrency C] \
-         [--size BYTES] [--starttls] [--auth USER:PASSWORD] [--from ADDRESS]"
+         [--size BYTES] [--starttls] [--auth USER:PASSWORD] [--from ADDRESS] \
+         [--client mail-send|lockstep] [--per-connection N]"
     );
     std::process::exit(2)
 }
@@ -49,6 +62,8 @@ fn parse_options() -> Options {
         starttls: false,
         auth: None,
         from: "alice@bench.test".into(),
+        lockstep: false,
+        per_connection: usize::MAX,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -76,6 +91,14 @@ fn parse_options() -> Options {
                 options.auth = Some((user.into(), password.into()));
             }
             "--from" => options.from = value("--from"),
+            "--client" => match value("--client").as_str() {
+                "mail-send" => options.lockstep = false,
+                "lockstep" => options.lockstep = true,
+                other => usage(&format!("unknown client {other}")),
+            },
+            "--per-connection" => {
+                options.per_connection = number("--per-connection", value("--per-connection"))
+            }
             // `cargo bench` passes this to harness-less benches.
             "--bench" => {}
             other => usage(&format!("unknown argument {other}")),
@@ -86,6 +109,12 @@ fn parse_options() -> Options {
     }
     if options.concurrency == 0 || options.messages < options.concurrency {
         usage("need at least one message per client");
+    }
+    if options.per_connection == 0 {
+        usage("--per-connection must be at least 1");
+    }
+    if options.per_connection != usize::MAX && !options.lockstep {
+        usage("--per-connection needs --client lockstep");
     }
     options
 }
@@ -167,6 +196,137 @@ async fn send_all<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(latencies)
 }
 
+/// Any stream the lockstep client talks over.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One SMTP conversation, one command per round trip.
+struct Lockstep {
+    stream: Box<dyn Stream>,
+    buffer: Vec<u8>,
+}
+
+impl Lockstep {
+    /// Reads one reply (the last line of a multi-line one decides) and
+    /// returns its code.
+    async fn reply(&mut self) -> Result<u16, BoxError> {
+        loop {
+            let mut start = 0;
+            while let Some(end) = self.buffer[start..].iter().position(|b| *b == b'\n') {
+                let line = &self.buffer[start..start + end + 1];
+                start += end + 1;
+                if line.len() >= 4 && line[3] == b' ' || line.len() < 4 {
+                    let code = std::str::from_utf8(&line[..3.min(line.len())])?.parse()?;
+                    self.buffer.drain(..start);
+                    return Ok(code);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let read = self.stream.read(&mut chunk).await?;
+            if read == 0 {
+                return Err("the server closed the connection".into());
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    async fn command(&mut self, line: &str, expected: u16) -> Result<(), BoxError> {
+        // One write per command, as a buffered writer flushed per command.
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.stream.write_all(&bytes).await?;
+        self.stream.flush().await?;
+        let code = self.reply().await?;
+        if code != expected {
+            return Err(format!("{line:?}: {code}, expected {expected}").into());
+        }
+        Ok(())
+    }
+}
+
+/// Opens a connection and gets it ready to send: greeting, EHLO, STARTTLS
+/// and EHLO again, AUTH PLAIN.
+async fn lockstep_connect(options: &Options) -> Result<Lockstep, BoxError> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", options.port)).await?;
+    tcp.set_nodelay(true)?;
+    let mut session = Lockstep {
+        stream: Box::new(tcp),
+        buffer: Vec::with_capacity(4096),
+    };
+    if session.reply().await? != 220 {
+        return Err("no greeting".into());
+    }
+    session.command("EHLO load.test", 250).await?;
+    if options.starttls {
+        session.command("STARTTLS", 220).await?;
+        let connector = mail_send::smtp::tls::build_tls_connector(true)?;
+        let Lockstep { stream, .. } = session;
+        let name = rustls_pki_types::ServerName::try_from("relay.bench")?;
+        let tls = connector.connect(name, stream).await?;
+        session = Lockstep {
+            stream: Box::new(tls),
+            buffer: Vec::with_capacity(4096),
+        };
+        session.command("EHLO load.test", 250).await?;
+    }
+    if let Some((user, password)) = &options.auth {
+        use base64::Engine as _;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        // smtp-sink, the direct comparison, answers AUTH with 250.
+        session
+            .stream
+            .write_all(format!("AUTH PLAIN {token}\r\n").as_bytes())
+            .await?;
+        session.stream.flush().await?;
+        let code = session.reply().await?;
+        if code != 235 && code != 250 {
+            return Err(format!("AUTH: {code}").into());
+        }
+    }
+    Ok(session)
+}
+
+/// Sends `count` messages, `per_connection` per connection, one command
+/// per round trip; returns each message's latency (MAIL FROM to the reply
+/// after the dot).
+async fn lockstep_client(
+    options: Options,
+    first_id: usize,
+    count: usize,
+) -> Result<Vec<Duration>, BoxError> {
+    let mut latencies = Vec::with_capacity(count);
+    let mut id = first_id;
+    while id < first_id + count {
+        let mut session = lockstep_connect(&options).await?;
+        let batch = options.per_connection.min(first_id + count - id);
+        for _ in 0..batch {
+            let body = message(&options.from, id, options.size);
+            let started = Instant::now();
+            session
+                .command(&format!("MAIL FROM:<{}>", options.from), 250)
+                .await?;
+            session.command("RCPT TO:<bob@example.net>", 250).await?;
+            session.command("DATA", 354).await?;
+            // The generated message has no line starting with a dot.
+            for chunk in body.as_bytes().chunks(4096) {
+                session.stream.write_all(chunk).await?;
+            }
+            session.stream.write_all(b".\r\n").await?;
+            session.stream.flush().await?;
+            let code = session.reply().await?;
+            if code != 250 {
+                return Err(format!("message {id}: {code}").into());
+            }
+            latencies.push(started.elapsed());
+            id += 1;
+        }
+        session.command("QUIT", 221).await?;
+    }
+    Ok(latencies)
+}
+
 fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
     let index = ((sorted.len() as f64 * fraction).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[index].as_secs_f64() * 1000.0
@@ -189,7 +349,11 @@ fn main() {
         let mut tasks = Vec::with_capacity(options.concurrency);
         for index in 0..options.concurrency {
             let count = per_client + usize::from(index < remainder);
-            tasks.push(tokio::spawn(client(options.clone(), first_id, count)));
+            tasks.push(if options.lockstep {
+                tokio::spawn(lockstep_client(options.clone(), first_id, count))
+            } else {
+                tokio::spawn(client(options.clone(), first_id, count))
+            });
             first_id += count;
         }
         let mut results = Vec::with_capacity(tasks.len());

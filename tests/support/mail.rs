@@ -368,8 +368,13 @@ impl Relay {
     /// Starts the relay on `config_dir` and waits until `/readyz` says its
     /// config is loaded.
     pub fn start(config_dir: &Path, tls: Option<(&Path, &Path)>) -> Self {
-        let mut args = vec![std::ffi::OsString::from("--config-dir"), config_dir.into()];
-        Self::spawn(&mut args, &[], tls)
+        Self::start_with(config_dir, tls, &[])
+    }
+
+    /// [`Relay::start`] with more command-line arguments (limits, timeouts).
+    pub fn start_with(config_dir: &Path, tls: Option<(&Path, &Path)>, args: &[&str]) -> Self {
+        let source = [std::ffi::OsString::from("--config-dir"), config_dir.into()];
+        Self::spawn(&source, &[], tls, args)
     }
 
     /// Starts the relay as the operator deploys it: watching the config
@@ -382,19 +387,20 @@ impl Relay {
         kubeconfig: &Path,
         tls: Option<(&Path, &Path)>,
     ) -> Self {
-        let mut args = vec![
+        let source = [
             std::ffi::OsString::from("--config-secrets"),
             relay.into(),
             "--namespace".into(),
             namespace.into(),
         ];
-        Self::spawn(&mut args, &[("KUBECONFIG", kubeconfig.as_os_str())], tls)
+        Self::spawn(&source, &[("KUBECONFIG", kubeconfig.as_os_str())], tls, &[])
     }
 
     fn spawn(
-        source: &mut Vec<std::ffi::OsString>,
+        source: &[std::ffi::OsString],
         env: &[(&str, &std::ffi::OsStr)],
         tls: Option<(&Path, &Path)>,
+        args: &[&str],
     ) -> Self {
         let log_dir = tempfile::tempdir().expect("temp dir");
         let log = log_dir.path().join("relay.log");
@@ -403,10 +409,11 @@ impl Relay {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mailauth-operator"));
         command
             .arg("relay")
-            .args(source.drain(..))
+            .args(source)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--reload-interval", "1s", "--upstream-timeout", "5s"])
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RELAY_RUST_LOG").unwrap_or("info".into()),
@@ -575,7 +582,28 @@ pub struct SmtpConnection {
 impl SmtpConnection {
     /// Connects and reads the greeting.
     pub fn connect(port: u16) -> std::io::Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        Self::from_stream(TcpStream::connect(("127.0.0.1", port))?)
+    }
+
+    /// Connects from the loopback address `source` (any of 127.0.0.0/8),
+    /// as a client on another host would, and reads the greeting.
+    pub fn connect_from(source: std::net::Ipv4Addr, port: u16) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()?;
+        let stream = runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::from((source, 0)))?;
+            socket
+                .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+        })?;
+        let stream = stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        Self::from_stream(stream)
+    }
+
+    fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let writer = stream.try_clone()?;
