@@ -439,6 +439,7 @@ mod tests {
         let keys = secrets::keys_secret(
             &md,
             &Map::from([("ma20261126a".to_string(), key.private_key_pem.clone())]),
+            &[],
         );
         let credentials =
             secrets::credentials_secret(&md, "shared-relay.mail.svc", 587, &username, password);
@@ -518,6 +519,7 @@ mod tests {
         f.keys = secrets::keys_secret(
             &f.md,
             &Map::from([("ma20261126a".to_string(), other.private_key_pem)]),
+            &[],
         );
         assert_eq!(
             decide(&f),
@@ -529,12 +531,13 @@ mod tests {
                 "ma20261126a".to_string(),
                 crate::dkim::PrivateKeyPem::new("garbage".into()),
             )]),
+            &[],
         );
         assert_eq!(
             decide(&f),
             Err(LeftOut::ActiveKeyTampered("ma20261126a".into()))
         );
-        f.keys = secrets::keys_secret(&f.md, &Map::new());
+        f.keys = secrets::keys_secret(&f.md, &Map::new(), &[]);
         assert_eq!(
             decide(&f),
             Err(LeftOut::ActiveKeyMissing("ma20261126a".into()))

@@ -1,6 +1,15 @@
 //! The one place that builds the Secret holding a MailDomain's private keys:
 //! one PKCS#8 PEM entry per selector, `<selector>.pem`, owned by the
 //! MailDomain and labelled so the controller watches only its own Secrets.
+//!
+//! The Secret also carries the keys' ledger (annotation
+//! [`KEY_LEDGER_ANNOTATION`]): each stored key's selector, state,
+//! generation and timestamps, written in the same request as the keys. The
+//! status is the operator's record; the ledger travels with the keys, so a
+//! MailDomain whose status is gone (re-created over a retained Secret, or
+//! restored from a backup without status) adopts the keys it finds instead
+//! of starting over, and a key stored just before a crash is never an
+//! orphan.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -9,7 +18,10 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use crate::api::{DkimKeyStatus, MailDomain};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{DkimKeyStatus, KeyAlgorithm, KeyState, MailDomain};
 use crate::dkim::{PrivateKeyPem, public_key_from_pem};
 
 /// Label on every key Secret: the name of the MailDomain it belongs to.
@@ -19,6 +31,82 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "mailauth-operator";
 
 const PEM_SUFFIX: &str = ".pem";
+
+/// Annotation on the key Secret: the ledger of the keys stored in it.
+pub const KEY_LEDGER_ANNOTATION: &str = "mailauth.dev/keys";
+
+/// One stored key as the ledger records it: what the status says of it,
+/// except the public key, which is always derived from the stored private
+/// key (the Secret is in the tenant's namespace; nothing in it is taken on
+/// trust that can be checked instead).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerEntry {
+    pub selector: String,
+    pub algorithm: KeyAlgorithm,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u32>,
+    pub state: KeyState,
+    pub generation: u32,
+    pub created_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring_at: Option<Time>,
+}
+
+/// The ledger for `keys` (as the status will have them), limited to those
+/// whose private key is among `entries`.
+pub fn ledger(
+    keys: &[DkimKeyStatus],
+    entries: &BTreeMap<String, PrivateKeyPem>,
+) -> Vec<LedgerEntry> {
+    keys.iter()
+        .filter(|key| key.state != KeyState::Retired && entries.contains_key(&key.selector))
+        .map(|key| LedgerEntry {
+            selector: key.selector.clone(),
+            algorithm: key.algorithm,
+            size: key.size,
+            state: key.state,
+            generation: key.generation,
+            created_at: key.created_at.clone(),
+            activated_at: key.activated_at.clone(),
+            retiring_at: key.retiring_at.clone(),
+        })
+        .collect()
+}
+
+/// The ledger the Secret carries; empty when it has none or it does not
+/// parse (then nothing is adopted from it).
+pub fn ledger_of(secret: &Secret) -> Vec<LedgerEntry> {
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|annotations| annotations.get(KEY_LEDGER_ANNOTATION))
+        .and_then(|text| serde_json::from_str(text).ok())
+        .unwrap_or_default()
+}
+
+/// The key a ledger entry names, if its private key is stored and is a key
+/// of the recorded algorithm: the status entry, with the public key derived
+/// from the private key.
+pub fn adopt(secret: &Secret, entry: &LedgerEntry) -> Option<DkimKeyStatus> {
+    let pem = stored_key(secret, &entry.selector)?;
+    let public_key = public_key_from_pem(entry.algorithm, &pem).ok()?;
+    Some(DkimKeyStatus {
+        selector: entry.selector.clone(),
+        algorithm: entry.algorithm,
+        size: entry.size,
+        state: entry.state,
+        generation: entry.generation,
+        public_key,
+        created_at: entry.created_at.clone(),
+        activated_at: entry.activated_at.clone(),
+        retiring_at: entry.retiring_at.clone(),
+        retired_at: None,
+    })
+}
 
 /// The key Secret's name for a MailDomain.
 pub fn keys_secret_name(domain: &MailDomain) -> String {
@@ -86,6 +174,17 @@ pub fn check_stored_key(secret: &Secret, key: &DkimKeyStatus) -> StoredKey {
     }
 }
 
+/// Whether the Secret's owner is this MailDomain (not an earlier one of the
+/// same name).
+pub fn is_owned_by(secret: &Secret, domain: &MailDomain) -> bool {
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|owner| Some(&owner.uid) == domain.meta().uid.as_ref())
+}
+
 /// Whether a Secret of our name may be written by us: it carries our label
 /// (we created it, possibly for an earlier MailDomain of the same name that
 /// retained it) or is owned by this MailDomain.
@@ -109,9 +208,14 @@ pub fn is_ours(secret: &Secret, domain: &MailDomain) -> bool {
     owned || labelled
 }
 
-/// The key Secret holding exactly `entries` (selector → PEM). It is owned
-/// by the MailDomain; the `Retain` policy drops the owner on deletion.
-pub fn keys_secret(domain: &MailDomain, entries: &BTreeMap<String, PrivateKeyPem>) -> Secret {
+/// The key Secret holding exactly `entries` (selector → PEM) and their
+/// `ledger`. It is owned by the MailDomain; the `Retain` policy drops the
+/// owner on deletion.
+pub fn keys_secret(
+    domain: &MailDomain,
+    entries: &BTreeMap<String, PrivateKeyPem>,
+    ledger: &[LedgerEntry],
+) -> Secret {
     let data = entries
         .iter()
         .map(|(selector, pem)| {
@@ -121,7 +225,12 @@ pub fn keys_secret(domain: &MailDomain, entries: &BTreeMap<String, PrivateKeyPem
             )
         })
         .collect();
-    domain_secret(domain, keys_secret_name(domain), data)
+    let mut secret = domain_secret(domain, keys_secret_name(domain), data);
+    secret.metadata.annotations = Some(BTreeMap::from([(
+        KEY_LEDGER_ANNOTATION.to_string(),
+        serde_json::to_string(ledger).expect("a ledger serialises"),
+    )]));
+    secret
 }
 
 /// A Secret belonging to a MailDomain: in its namespace, labelled so the
@@ -292,7 +401,7 @@ mod tests {
         let md = domain();
         let entries =
             BTreeMap::from([("ma20261126a".to_string(), PrivateKeyPem::new("PEM".into()))]);
-        let secret = keys_secret(&md, &entries);
+        let secret = keys_secret(&md, &entries, &[]);
         assert_eq!(secret.metadata.name.as_deref(), Some("acme-dkim"));
         assert_eq!(
             stored_selectors(&secret),

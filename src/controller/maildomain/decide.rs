@@ -31,7 +31,7 @@ use kube::runtime::reflector::ObjectRef;
 use super::super::Error;
 use super::super::conditions::{DomainFacts, KeysProblem, RelayFacts, conditions};
 use super::super::membership::{self, Candidate, LeftOut, claim_owner};
-use super::super::secrets::{self, CredentialsCheck, StoredKey};
+use super::super::secrets::{self, CredentialsCheck, LedgerEntry, StoredKey};
 use crate::api::{
     Condition, ConditionStatus, ConditionType, DkimStatus, MailDomain, MailDomainStatus, MailRelay,
     ROTATE_ANNOTATION, Reason, RecordState, SpfAuthorization,
@@ -119,11 +119,20 @@ pub struct Needs {
     pub password: bool,
 }
 
+/// What the key Secret is to hold: the private keys by selector, and their
+/// ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyRecord {
+    pub entries: BTreeMap<String, PrivateKeyPem>,
+    pub ledger: Vec<LedgerEntry>,
+}
+
 /// One write, in the order of [`Decision::writes`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
-    /// The key Secret with exactly these entries (new keys included).
-    StoreKeys(BTreeMap<String, PrivateKeyPem>),
+    /// The key Secret with exactly these entries (new keys included) and
+    /// the ledger as the status will have it.
+    StoreKeys(KeyRecord),
     /// The credentials Secret.
     StoreCredentials {
         username: String,
@@ -134,7 +143,7 @@ pub enum Write {
     /// The status, when it changed.
     Status(Box<MailDomainStatus>),
     /// The key Secret without the private keys of retired keys.
-    RemovePrivateKeys(BTreeMap<String, PrivateKeyPem>),
+    RemovePrivateKeys(KeyRecord),
 }
 
 /// An event to publish on the MailDomain.
@@ -160,15 +169,61 @@ pub struct Decision {
 }
 
 /// The records to check in DNS before deciding: those of the keys as the
-/// status has them.
-pub fn records_to_check(domain: &MailDomain, relay: &RelayView<'_>) -> Vec<ExpectedRecord> {
-    let keys = domain
+/// operator knows them ([`known_keys`]).
+pub fn records_to_check(
+    domain: &MailDomain,
+    keys: KeySecret<'_>,
+    relay: &RelayView<'_>,
+) -> Vec<ExpectedRecord> {
+    let keys = known_keys(domain, keys);
+    dns::expected_records(&domain.spec.domain, &domain.spec, &keys, relay.spf())
+}
+
+/// The keys as the operator knows them: the status's, plus those the key
+/// Secret's ledger records and the status does not. With no key in status
+/// (the MailDomain was re-created over a retained Secret, or restored from
+/// a backup without status) every key of the ledger is adopted as it was,
+/// so the same selectors keep signing once DNS confirms them and nothing
+/// new is asked of the tenant's DNS. Otherwise only Pending ones are: a key
+/// stored just before a crash, before the status named it. A key the
+/// ledger calls Active and the status does not know is never adopted
+/// beside the status's own. Each adopted key's public key is derived from
+/// its stored private key.
+pub fn known_keys(domain: &MailDomain, keys: KeySecret<'_>) -> Vec<crate::api::DkimKeyStatus> {
+    let mut known: Vec<crate::api::DkimKeyStatus> = domain
         .status
         .as_ref()
         .and_then(|s| s.dkim.as_ref())
-        .map(|d| d.keys.as_slice())
+        .map(|d| d.keys.clone())
         .unwrap_or_default();
-    dns::expected_records(&domain.spec.domain, &domain.spec, keys, relay.spf())
+    let KeySecret::Ours(secret) = keys else {
+        return known;
+    };
+    let status_had_keys = !known.is_empty();
+    for entry in secrets::ledger_of(secret) {
+        if known.iter().any(|key| key.selector == entry.selector)
+            || (status_had_keys && entry.state != crate::api::KeyState::Pending)
+        {
+            continue;
+        }
+        if let Some(key) = secrets::adopt(secret, &entry) {
+            known.push(key);
+        }
+    }
+    known.sort_by(|a, b| {
+        b.generation
+            .cmp(&a.generation)
+            .then_with(|| a.selector.cmp(&b.selector))
+    });
+    known
+}
+
+/// The DKIM status as the operator knows it: the status's, with the keys
+/// of [`known_keys`].
+fn known_dkim(observed: &Observed<'_>) -> DkimStatus {
+    let mut dkim = previous_status(observed).dkim.clone().unwrap_or_default();
+    dkim.keys = known_keys(observed.domain, observed.keys);
+    dkim
 }
 
 /// The random material [`decide`] will want for `observed`.
@@ -228,14 +283,10 @@ fn usable_private_keys(observed: &Observed<'_>) -> (HashSet<String>, Vec<String>
     let KeySecret::Ours(secret) = observed.keys else {
         return (HashSet::new(), Vec::new());
     };
-    let keys = previous_status(observed)
-        .dkim
-        .as_ref()
-        .map(|d| d.keys.as_slice())
-        .unwrap_or_default();
+    let keys = known_keys(observed.domain, observed.keys);
     let mut present = secrets::stored_selectors(secret);
     let mut tampered = Vec::new();
-    for key in keys {
+    for key in &keys {
         if secrets::check_stored_key(secret, key) == StoredKey::Mismatch {
             present.remove(&key.selector);
             tampered.push(key.selector.clone());
@@ -248,8 +299,7 @@ fn rotation_plan(observed: &Observed<'_>) -> Result<Option<RotationPlan>, Error>
     if !matches!(observed.keys, KeySecret::Ours(_) | KeySecret::Absent) {
         return Ok(None);
     }
-    let previous = previous_status(observed);
-    let dkim = previous.dkim.clone().unwrap_or_default();
+    let dkim = known_dkim(observed);
     let verdicts = dkim_verdicts(observed.dns);
     let (present, _) = usable_private_keys(observed);
     let plan = dkim::plan(&RotationInput {
@@ -299,7 +349,7 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
     let now_time = Time(now);
     let generation = md.metadata.generation;
     let previous = previous_status(observed);
-    let previous_dkim = previous.dkim.clone().unwrap_or_default();
+    let previous_dkim = known_dkim(observed);
     let secret_name = secrets::keys_secret_name(md);
     let mut writes = Vec::new();
     let mut events = Vec::new();
@@ -307,10 +357,18 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
     // Keys.
     let plan = rotation_plan(observed)?;
     let (_, tampered) = usable_private_keys(observed);
-    let mut stored: BTreeMap<String, PrivateKeyPem> = match observed.keys {
+    // What the Secret holds now, and what it should hold: with keys in
+    // status, an entry that neither the status nor the ledger knows (an
+    // orphan, or something the tenant added) goes. With none, nothing is
+    // known about unrecorded entries, so they stay.
+    let held = match observed.keys {
         KeySecret::Ours(secret) => secrets::stored_entries(secret),
         _ => BTreeMap::new(),
     };
+    let mut stored = held.clone();
+    if !previous_dkim.keys.is_empty() {
+        stored.retain(|selector, _| previous_dkim.keys.iter().any(|k| &k.selector == selector));
+    }
     let mut keys_problem = None;
     let mut rotations = 0;
     let dkim_status = match &plan {
@@ -360,7 +418,6 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
                 for (key, _) in &fresh.keys {
                     stored.insert(key.selector.clone(), key.private_key_pem.clone());
                 }
-                writes.push(Write::StoreKeys(stored.clone()));
                 plan.status(
                     fresh
                         .keys
@@ -379,6 +436,35 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
             }
         }
     };
+
+    // The keys and their ledger are stored before the status names them.
+    // The ledger is written only with a change of the keys themselves, or
+    // to take over a retained or restored Secret (its owner is an earlier
+    // MailDomain of this name): a change of state alone is not written
+    // there, since DNS says again what a stale ledger state would (an
+    // adopted Pending key whose record verifies is activated as usual).
+    let removing: BTreeMap<String, PrivateKeyPem> = match &plan {
+        Some(plan) => stored
+            .iter()
+            .filter(|(selector, _)| !plan.remove_private_keys.contains(selector))
+            .map(|(selector, pem)| (selector.clone(), pem.clone()))
+            .collect(),
+        None => stored.clone(),
+    };
+    if plan.is_some() {
+        let taken_over = match observed.keys {
+            // A Secret whose key was edited is left as the tenant left it
+            // (and reported).
+            KeySecret::Ours(secret) => !secrets::is_owned_by(secret, md) && tampered.is_empty(),
+            _ => false,
+        };
+        if stored != held || taken_over {
+            writes.push(Write::StoreKeys(KeyRecord {
+                ledger: secrets::ledger(&dkim_status.keys, &stored),
+                entries: stored.clone(),
+            }));
+        }
+    }
 
     // Credentials.
     let mut credentials_hash = previous.credentials_hash.clone();
@@ -502,12 +588,12 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
     }
 
     // Only once status says Retired may the private keys go.
-    if let Some(plan) = &plan {
-        let before = stored.len();
-        stored.retain(|selector, _| !plan.remove_private_keys.contains(selector));
-        if stored.len() != before {
-            writes.push(Write::RemovePrivateKeys(stored));
-        }
+    if removing.len() != stored.len() {
+        let ledger = secrets::ledger(&dkim_status.keys, &removing);
+        writes.push(Write::RemovePrivateKeys(KeyRecord {
+            entries: removing,
+            ledger,
+        }));
     }
 
     let keys_made = fresh.keys_failed.is_none();
@@ -581,7 +667,7 @@ fn relay_facts(
     let mut as_decided = md.clone();
     as_decided.status = Some(desired.clone());
     let keys_after = match observed.keys {
-        KeySecret::Ours(_) | KeySecret::Absent => Some(secrets::keys_secret(md, stored_keys)),
+        KeySecret::Ours(_) | KeySecret::Absent => Some(secrets::keys_secret(md, stored_keys, &[])),
         KeySecret::NotOurs => None,
     };
     let verdict = membership::membership(&Candidate {
@@ -842,8 +928,12 @@ mod tests {
         fn carry_out(&mut self, decision: &Decision) {
             for write in &decision.writes {
                 match write {
-                    Write::StoreKeys(entries) | Write::RemovePrivateKeys(entries) => {
-                        self.keys = Some(secrets::keys_secret(&self.md, entries));
+                    Write::StoreKeys(record) | Write::RemovePrivateKeys(record) => {
+                        self.keys = Some(secrets::keys_secret(
+                            &self.md,
+                            &record.entries,
+                            &record.ledger,
+                        ));
                     }
                     Write::StoreCredentials {
                         username,
@@ -863,7 +953,8 @@ mod tests {
         /// DNS answers for what the status asks now: `verified` selectors'
         /// records verified, every other record missing.
         fn dns_says(&mut self, verified: &[&str]) {
-            let expected = records_to_check(&self.md, &self.observed().relay);
+            let observed = self.observed();
+            let expected = records_to_check(&self.md, observed.keys, &observed.relay);
             self.dns = expected
                 .into_iter()
                 .map(|record| {
@@ -981,6 +1072,7 @@ mod tests {
         world.keys = Some(secrets::keys_secret(
             &world.md,
             &BTreeMap::from([("ma20270115a".to_string(), other.private_key_pem)]),
+            &[],
         ));
         let decision = world.step(&["never-made"]);
         assert!(
@@ -1150,6 +1242,135 @@ mod tests {
                 .is_some_and(|c| c.has_reason(Reason::DomainConflict))
         );
         world.dns.clear();
+    }
+
+    /// The same MailDomain re-created (or restored) without status, over
+    /// the key Secret the first one kept.
+    fn recreated(world: &World) -> World {
+        let mut again = World::new();
+        again.md.metadata.uid = Some("uid-2".into());
+        again.keys = world.keys.clone();
+        again.credentials = world.credentials.clone();
+        again
+    }
+
+    #[test]
+    fn a_maildomain_without_status_adopts_the_keys_its_secret_records() {
+        let mut world = ready_world();
+        let mut again = recreated(&world);
+        again.dns_says(&["ma20270115a"]);
+        let adopt = again.step(&["never-made"]);
+        assert!(
+            !again
+                .md
+                .status
+                .as_ref()
+                .unwrap()
+                .dkim
+                .as_ref()
+                .unwrap()
+                .keys
+                .iter()
+                .any(|k| k.selector == "never-made"),
+            "no new key"
+        );
+        assert_eq!(
+            again.active(),
+            ["ma20270115a"],
+            "the same key, still Active"
+        );
+        assert_eq!(
+            again.condition(ConditionType::Ready).status,
+            ConditionStatus::True,
+            "served again once DNS confirms it: {:?}",
+            again.md.status
+        );
+        // The Secret is taken over by the new MailDomain, keys unchanged.
+        let record = adopt
+            .writes
+            .iter()
+            .find_map(|w| match w {
+                Write::StoreKeys(record) => Some(record),
+                _ => None,
+            })
+            .expect("the Secret is taken over");
+        assert_eq!(record.entries.keys().collect::<Vec<_>>(), ["ma20270115a"]);
+        let secret = again.keys.as_ref().unwrap();
+        assert!(secrets::is_owned_by(secret, &again.md));
+        let settled = again.step(&[]);
+        assert!(settled.writes.is_empty(), "{:?}", kinds(&settled));
+        // The first one still has its key, the same.
+        assert_eq!(world.step(&[]).writes.len(), 0);
+    }
+
+    #[test]
+    fn an_adopted_key_that_dns_does_not_confirm_is_not_served() {
+        let world = ready_world();
+        let mut again = recreated(&world);
+        again.dns_says(&[]);
+        again.step(&["never-made"]);
+        let keys = keys_of(again.md.status.as_ref().unwrap());
+        assert_eq!(
+            keys.iter().map(|k| k.selector.as_str()).collect::<Vec<_>>(),
+            ["ma20270115a"],
+            "kept, not replaced"
+        );
+        assert!(
+            again.active().is_empty(),
+            "not signing before DNS confirms it"
+        );
+        assert_eq!(
+            again.condition(ConditionType::Ready).status,
+            ConditionStatus::False
+        );
+    }
+
+    #[test]
+    fn a_key_stored_just_before_a_crash_is_adopted_and_not_made_again() {
+        let mut world = ready_world();
+        world
+            .md
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(ROTATE_ANNOTATION.into(), "now".into());
+        world.now = at(60);
+        let needs = needs(&world.observed()).unwrap();
+        let fresh = Fresh {
+            keys: vec![(new_key("ma20270115b"), needs.keys[0].generation)],
+            ..Fresh::default()
+        };
+        let rotate = decide(&world.observed(), &fresh).unwrap();
+        // The key is stored; the operator dies before the status write.
+        let Write::StoreKeys(record) = &rotate.writes[0] else {
+            panic!("{:?}", kinds(&rotate));
+        };
+        world.keys = Some(secrets::keys_secret(
+            &world.md,
+            &record.entries,
+            &record.ledger,
+        ));
+        let after = world.step(&["ma20270115c"]);
+        assert!(!kinds(&after).contains(&"StoreKeys"), "{:?}", kinds(&after));
+        let pending: Vec<_> = keys_of(world.md.status.as_ref().unwrap())
+            .iter()
+            .filter(|k| k.state == KeyState::Pending)
+            .map(|k| k.selector.clone())
+            .collect();
+        assert_eq!(pending, ["ma20270115b"], "the stored key, not a second");
+    }
+
+    #[test]
+    fn an_entry_that_neither_status_nor_ledger_records_is_removed() {
+        let mut world = ready_world();
+        let mut entries = secrets::stored_entries(world.keys.as_ref().unwrap());
+        entries.insert("stray".into(), new_key("stray").private_key_pem);
+        world.keys = Some(secrets::keys_secret(&world.md, &entries, &[]));
+        let decision = world.step(&[]);
+        assert_eq!(kinds(&decision), ["StoreKeys"]);
+        let stored = secrets::stored_selectors(world.keys.as_ref().unwrap());
+        assert_eq!(stored, HashSet::from(["ma20270115a".to_string()]));
+        assert_eq!(world.active(), ["ma20270115a"]);
     }
 
     #[test]

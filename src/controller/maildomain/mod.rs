@@ -227,7 +227,7 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
         Some(secret) if secrets::is_ours(secret, domain) => KeySecret::Ours(secret),
         Some(_) => KeySecret::NotOurs,
     };
-    let expected = decide::records_to_check(domain, &relay_view);
+    let expected = decide::records_to_check(domain, key_secret, &relay_view);
     let previous_records = domain
         .status
         .as_ref()
@@ -321,8 +321,8 @@ async fn carry_out(
 ) -> Result<(), Error> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     match write {
-        Write::StoreKeys(entries) | Write::RemovePrivateKeys(entries) => {
-            let secret = secrets::keys_secret(domain, entries);
+        Write::StoreKeys(record) | Write::RemovePrivateKeys(record) => {
+            let secret = secrets::keys_secret(domain, &record.entries, &record.ledger);
             secrets_api
                 .patch(
                     &secrets::keys_secret_name(domain),
@@ -589,7 +589,7 @@ mod mock_api_tests {
     /// The DNS check is not what these tests are about: answer it from the
     /// memo (nothing published yet).
     fn no_dns_needed(ctx: &Context, md: &MailDomain) {
-        let expected = decide::records_to_check(md, &RelayView::NotRequested);
+        let expected = decide::records_to_check(md, KeySecret::Absent, &RelayView::NotRequested);
         let outcomes = expected
             .iter()
             .map(|record| RecordOutcome {
