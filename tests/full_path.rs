@@ -120,24 +120,12 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     let first = active_selector(&md).expect("an active selector");
 
     // The relay runs on exactly what the operator rendered.
-    let config = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(
-            secrets.clone(),
-            "shared-relay-config",
-            |s: Option<&Secret>| {
-                s.is_some_and(|s| {
-                    secret_files(s)
-                        .iter()
-                        .any(|(_, bytes)| String::from_utf8_lossy(bytes).contains(ZONE))
-                })
-            },
-        ),
-    )
-    .await
-    .expect("the relay config lists the domain within 60 s")
-    .expect("watching the config Secret")
-    .expect("config Secret");
+    let config = wait_for(&secrets, "shared-relay-config", "the domain listed", |s| {
+        secret_files(s)
+            .iter()
+            .any(|(_, bytes)| String::from_utf8_lossy(bytes).contains(ZONE))
+    })
+    .await;
     let mut mounted = KubeletDir::new();
     let files = secret_files(&config);
     mounted.write(
@@ -209,23 +197,12 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     })
     .await;
     let second = active_selector(&md).expect("an active selector");
-    let config = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(secrets.clone(), "shared-relay-config", {
-            let second = second.clone();
-            move |s: Option<&Secret>| {
-                s.is_some_and(|s| {
-                    secret_files(s)
-                        .iter()
-                        .any(|(_, b)| String::from_utf8_lossy(b).contains(&second))
-                })
-            }
-        }),
-    )
-    .await
-    .expect("the relay config carries the new key within 60 s")
-    .expect("watching")
-    .expect("config Secret");
+    let config = wait_for(&secrets, "shared-relay-config", "the new key", |s| {
+        secret_files(s)
+            .iter()
+            .any(|(_, b)| String::from_utf8_lossy(b).contains(&second))
+    })
+    .await;
     let files = secret_files(&config);
     mounted.write(
         &files

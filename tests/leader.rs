@@ -15,6 +15,7 @@ use support::cluster::cluster;
 use support::dns::{Knot, Zone};
 use support::mail::free_tcp_port;
 use support::operator::{is, wait_for};
+use support::wait::eventually;
 
 const LEASE: &str = "mailauth-test-leader";
 
@@ -83,31 +84,34 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 
 async fn wait_holder(leases: &Api<Lease>, other_than: Option<&str>) -> String {
     // Bounded by the Lease duration (15 s) plus renewal slack.
-    for _ in 0..300 {
-        if let Some(h) = holder(leases)
-            .await
-            .filter(|h| Some(h.as_str()) != other_than)
-        {
-            return h;
+    eventually(format!(
+        "a replica other than {other_than:?} to hold the Lease"
+    ))
+    .within(Duration::from_secs(60))
+    .every(Duration::from_millis(200))
+    .until_async(|| async {
+        match holder(leases).await {
+            Some(h) if Some(h.as_str()) != other_than => Ok(h),
+            held_by => Err(held_by),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("no replica (other than {other_than:?}) acquired the Lease within 60 s");
+    })
+    .await
 }
 
 async fn wait_metric(replica: &Replica, name: &str, check: impl Fn(f64) -> bool) {
-    for _ in 0..100 {
-        if replica.metric(name).is_some_and(&check) {
-            return;
+    eventually(format!(
+        "{name} on {} to reach the expected value",
+        replica.identity
+    ))
+    .within(Duration::from_secs(10))
+    .every(Duration::from_millis(100))
+    .until_async(|| async {
+        match replica.metric(name) {
+            Some(value) if check(value) => Ok(()),
+            value => Err(value),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{} on {} never reached the expected value: {:?}",
-        name,
-        replica.identity,
-        replica.metric(name)
-    );
+    })
+    .await
 }
 
 async fn create(domains: &Api<MailDomain>, name: &str) {

@@ -15,11 +15,12 @@ use mailauth_operator::relay::config::{
     UpstreamSettings,
 };
 use mailauth_operator::relay::hash_password;
-use support::dns::{Knot, Zone, wait_until};
+use support::dns::{Knot, Zone};
 use support::mail::{
     KubeletDir, Relay, SmtpSink, SmtpUpstream, Swaks, TestCa, dkimpy_verify,
     self_signed_certificate,
 };
+use support::wait::{Shown, eventually};
 
 const RELAY_HOST: &str = "relay.test";
 const WAIT: Duration = Duration::from_secs(30);
@@ -497,15 +498,15 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
     let (renewed, renewed_fingerprint) = certificate_files();
     assert_ne!(before, renewed_fingerprint);
     f.tls.write(&renewed);
-    let served = wait_until(WAIT, || {
-        served_fingerprint(f.relay.port).filter(|served| *served == renewed_fingerprint)
-    });
-    assert!(
-        served.is_some(),
-        "the relay still serves {:?} instead of {renewed_fingerprint}\nrelay log:\n{}",
-        served_fingerprint(f.relay.port),
-        f.relay.log()
-    );
+    let served = eventually(format!("the relay to serve {renewed_fingerprint}"))
+        .within(WAIT)
+        .try_until(|| match served_fingerprint(f.relay.port) {
+            Some(served) if served == renewed_fingerprint => Ok(()),
+            served => Err(served),
+        });
+    if let Err(timed_out) = served {
+        panic!("{timed_out}\nrelay log:\n{}", f.relay.log());
+    }
     let sent = submission(
         f.relay.port,
         "acme",
@@ -521,13 +522,16 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
     let (stranger, _) = certificate_files();
     f.tls
         .write(&[renewed[0].clone(), ("tls.key", stranger[1].1.clone())]);
-    let refused = wait_until(WAIT, || {
-        f.relay
-            .log()
-            .contains("the new TLS certificate does not load")
-            .then_some(())
-    });
-    assert!(refused.is_some(), "relay log:\n{}", f.relay.log());
+    eventually("the relay to log that the new TLS certificate does not load")
+        .within(WAIT)
+        .until(|| {
+            let log = f.relay.log();
+            if log.contains("the new TLS certificate does not load") {
+                Ok(())
+            } else {
+                Err(Shown(log))
+            }
+        });
     assert_eq!(served_fingerprint(f.relay.port), Some(renewed_fingerprint));
     let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
     assert!(
@@ -777,21 +781,25 @@ fn a_key_rotation_during_a_stream_of_messages_loses_none_and_all_verify() {
         .write(&config_files(&settings(f.sink.port), &shard));
 
     // Keep streaming until messages signed with the new key have arrived.
-    let new_selector_seen = wait_until(WAIT, || {
-        let messages = f.sink.messages();
-        let signed_new = messages
-            .iter()
-            .filter(|m| String::from_utf8_lossy(m).contains("s=acme2026b"))
-            .count();
-        (signed_new >= 5).then_some(())
-    });
+    let new_selector_seen = eventually("5 messages signed with the new key")
+        .within(WAIT)
+        .try_until(|| {
+            let messages = f.sink.messages();
+            let signed_new = messages
+                .iter()
+                .filter(|m| String::from_utf8_lossy(m).contains("s=acme2026b"))
+                .count();
+            if signed_new >= 5 {
+                Ok(())
+            } else {
+                Err(signed_new)
+            }
+        });
     stop.store(true, Ordering::Relaxed);
     let results = sender.join().expect("sender thread");
-    assert!(
-        new_selector_seen.is_some(),
-        "the relay never signed with the new key:\n{}",
-        f.relay.log()
-    );
+    if let Err(timed_out) = new_selector_seen {
+        panic!("{timed_out}\nrelay log:\n{}", f.relay.log());
+    }
 
     let failures: Vec<_> = results.iter().filter(|r| !r.success).collect();
     assert!(

@@ -22,8 +22,8 @@ use mailauth_operator::relay::config::{
     DomainEntry, DomainShard, RelaySettings, SigningKeyEntry, TenantEntry, UpstreamSettings,
 };
 use mailauth_operator::relay::hash_password;
-use support::dns::wait_until;
 use support::mail::{KubeletDir, Relay, SmtpConnection, SmtpSink, reply_code};
+use support::wait::{accept_if, eventually};
 
 const WAIT: Duration = Duration::from_secs(30);
 const RCPT: &str = "bob@example.net";
@@ -151,10 +151,15 @@ fn assert_a_good_message_goes_through(f: &Fixture, id: &str) {
         f.relay.log()
     );
     let header = message_id_header(id);
-    assert!(
-        wait_until(WAIT, || f.sink.contains(&header).then_some(())).is_some(),
-        "{id} acknowledged but not in the sink"
-    );
+    eventually(format!("{id}, acknowledged, to reach the sink"))
+        .within(WAIT)
+        .until(|| {
+            if f.sink.contains(&header) {
+                Ok(())
+            } else {
+                Err(format!("{} files in the sink", f.sink.count()))
+            }
+        });
 }
 
 fn assert_healthy(relay: &Relay) {
@@ -274,26 +279,30 @@ fn with_a_flapping_upstream_every_acknowledged_message_reaches_the_sink() {
     // again; then wait for delivery to resume once more.
     for outage in 1..=OUTAGES + 1 {
         let target = acknowledged.load(Ordering::SeqCst) + BETWEEN_OUTAGES;
-        assert!(
-            wait_until(WAIT, || (acknowledged.load(Ordering::SeqCst) >= target)
-                .then_some(()))
-            .is_some(),
-            "before outage {outage}: delivery did not resume; {}\nrelay log:\n{}",
-            progress(&outcomes),
-            f.relay.log()
-        );
+        let resumed = eventually(format!("before outage {outage}: {target} acknowledged"))
+            .within(WAIT)
+            .try_until(|| accept_if(acknowledged.load(Ordering::SeqCst), |n| *n >= target));
+        if let Err(timed_out) = resumed {
+            panic!(
+                "{timed_out}\ndelivery did not resume; {}\nrelay log:\n{}",
+                progress(&outcomes),
+                f.relay.log()
+            );
+        }
         if outage > OUTAGES {
             break;
         }
         let target = deferred.load(Ordering::SeqCst) + DEFERRED_PER_OUTAGE;
         f.sink.stop();
-        assert!(
-            wait_until(WAIT, || (deferred.load(Ordering::SeqCst) >= target)
-                .then_some(()))
-            .is_some(),
-            "outage {outage}: the relay did not defer messages while the sink was down; {}",
-            progress(&outcomes)
-        );
+        let deferring = eventually(format!("outage {outage}: {target} deferred"))
+            .within(WAIT)
+            .try_until(|| accept_if(deferred.load(Ordering::SeqCst), |n| *n >= target));
+        if let Err(timed_out) = deferring {
+            panic!(
+                "{timed_out}\nthe relay did not defer messages while the sink was down; {}",
+                progress(&outcomes)
+            );
+        }
         f.sink.restart();
     }
     done.store(true, Ordering::SeqCst);
@@ -340,17 +349,17 @@ fn with_a_flapping_upstream_every_acknowledged_message_reaches_the_sink() {
     };
     // The sink writes a message before it answers 250, so this holds at
     // once; the wait only covers a slow file system.
-    let stored = wait_until(Duration::from_secs(5), || {
-        let stored = stored_ids();
-        missing(&stored).is_empty().then_some(stored)
-    })
-    .unwrap_or_else(|| {
-        let lost = missing(&stored_ids());
-        panic!(
-            "{} acknowledged messages are not in the sink: {lost:?}",
-            lost.len()
-        )
-    });
+    let stored = eventually("every acknowledged message to be in the sink")
+        .within(Duration::from_secs(5))
+        .until(|| {
+            let stored = stored_ids();
+            let lost = missing(&stored);
+            if lost.is_empty() {
+                Ok(stored)
+            } else {
+                Err(format!("{} not in the sink: {lost:?}", lost.len()))
+            }
+        });
     println!(
         "{} acknowledged, {} deferred (of which {} still reached the sink)",
         outcomes.acknowledged.len(),
@@ -433,12 +442,13 @@ fn past_max_connections_a_client_gets_421_until_a_slot_frees() {
 
     // Closing one frees its slot (asynchronously, when the relay notices).
     drop(first);
-    let fourth = wait_until(WAIT, || {
-        SmtpConnection::connect(f.relay.port)
-            .ok()
-            .filter(|connection| connection.greeting.starts_with("220 "))
-    });
-    assert!(fourth.is_some(), "the closed connection's slot never freed");
+    eventually("the closed connection's slot to free")
+        .within(WAIT)
+        .until(|| match SmtpConnection::connect(f.relay.port) {
+            Ok(connection) if connection.greeting.starts_with("220 ") => Ok(()),
+            Ok(connection) => Err(connection.greeting),
+            Err(error) => Err(error.to_string()),
+        });
     let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
     assert!(
         metrics.contains("reason=\"too_many_connections\""),

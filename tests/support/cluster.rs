@@ -11,8 +11,10 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::wait::{Condition as _, conditions};
 use kube::{Client, Config};
+
+use super::wait::eventually;
 
 /// Where the control plane keeps its state and tools.
 pub struct Cluster {
@@ -96,13 +98,21 @@ impl Cluster {
         );
         let crds: Api<CustomResourceDefinition> = Api::all(self.client().await);
         for name in ["maildomains.mailauth.dev", "mailrelays.mailauth.dev"] {
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                await_condition(crds.clone(), name, conditions::is_crd_established()),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("CRD {name} not Established within 60 s"))
-            .expect("watching CRD");
+            let crds = &crds;
+            eventually(format!("CRD {name} to be Established"))
+                .within(Duration::from_secs(60))
+                .until_async(move || async move {
+                    let crd = crds.get_opt(name).await;
+                    match &crd {
+                        Ok(found)
+                            if conditions::is_crd_established().matches_object(found.as_ref()) =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(crd.map(|found| found.and_then(|crd| crd.status))),
+                    }
+                })
+                .await;
         }
     }
 

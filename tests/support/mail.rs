@@ -4,7 +4,7 @@
 //! with `python3-dnspython`) to verify stored messages against the test
 //! knot, and the relay itself run as the built binary.
 //!
-//! Every wait polls a condition with a deadline; none sleeps blind.
+//! Every wait goes through `support::wait`; none sleeps blind.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::dns::wait_until;
+use super::wait::eventually;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -70,10 +70,15 @@ impl SmtpSink {
             .expect("running smtp-sink (Debian package `postfix`)");
         self.child = Some(child);
         let port = self.port;
-        assert!(
-            wait_until(START_TIMEOUT, || accepts_connections(port).then_some(())).is_some(),
-            "smtp-sink did not listen on {port}"
-        );
+        eventually(format!("smtp-sink to listen on {port}"))
+            .within(START_TIMEOUT)
+            .until(|| {
+                if accepts_connections(port) {
+                    Ok(())
+                } else {
+                    Err("connection refused")
+                }
+            });
     }
 
     /// Stops the sink: connections to its port are refused from now on.
@@ -121,18 +126,31 @@ impl SmtpSink {
 
     /// Waits until at least `count` messages are stored.
     pub fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Vec<u8>> {
-        wait_until(timeout, || (self.count() >= count).then_some(()))
-            .unwrap_or_else(|| panic!("the sink stored {} of {count} messages", self.count()));
+        eventually(format!("the sink to store {count} messages"))
+            .within(timeout)
+            .until(|| {
+                let stored = self.count();
+                if stored >= count { Ok(()) } else { Err(stored) }
+            });
         // smtp-sink writes the file while the transaction runs: wait for
         // the last one to be complete (it ends with the message's body).
-        wait_until(timeout, || {
-            let messages = self.messages();
-            messages
-                .iter()
-                .all(|m| m.windows(4).any(|w| w == b"\r\n\r\n"))
-                .then_some(messages)
-        })
-        .expect("sink files complete")
+        eventually("the sink's files to be complete")
+            .within(timeout)
+            .until(|| {
+                let messages = self.messages();
+                let incomplete = messages
+                    .iter()
+                    .filter(|m| !m.windows(4).any(|w| w == b"\r\n\r\n"))
+                    .count();
+                if incomplete == 0 {
+                    Ok(messages)
+                } else {
+                    Err(format!(
+                        "{incomplete} of {} files incomplete",
+                        messages.len()
+                    ))
+                }
+            })
     }
 }
 
@@ -403,16 +421,15 @@ impl Relay {
             log,
             _log_dir: log_dir,
         };
-        let ready = wait_until(START_TIMEOUT, || {
-            relay
-                .http_get("/readyz")
-                .filter(|(status, _)| *status == 200)
-        });
-        assert!(
-            ready.is_some(),
-            "the relay did not become ready:\n{}",
-            relay.log()
-        );
+        let ready = eventually("the relay to answer /readyz with 200")
+            .within(START_TIMEOUT)
+            .try_until(|| match relay.http_get("/readyz") {
+                Some((200, _)) => Ok(()),
+                other => Err(other),
+            });
+        if let Err(timed_out) = ready {
+            panic!("{timed_out}\nrelay log:\n{}", relay.log());
+        }
         relay
     }
 

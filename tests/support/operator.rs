@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use kube::api::Api;
-use kube::runtime::wait::await_condition;
 use mailauth_operator::api::{Condition, ConditionStatus, ConditionType, MailDomain};
 use mailauth_operator::controller::{self, Context, ControllerArgs, ManualClock};
 use mailauth_operator::telemetry::ControllerMetrics;
@@ -16,6 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::cluster::cluster;
+use super::wait::{Shown, eventually};
 
 pub struct Operator {
     pub ctx: Arc<Context>,
@@ -84,37 +84,69 @@ impl Drop for Operator {
     }
 }
 
-/// Waits (bounded) until the object (a MailDomain, a MailRelay) satisfies
-/// `check`; returns it.
+/// How long an object may take to reach what a test waits for.
+pub const OBJECT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Waits (bounded) until the object (a MailDomain, a MailRelay, a Secret)
+/// satisfies `check`; returns it. On timeout the panic shows the object's
+/// status (or, for a Secret, the names of its entries, never their values).
 pub async fn wait_for<K>(api: &Api<K>, name: &str, what: &str, check: impl Fn(&K) -> bool) -> K
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug,
     K: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
 {
-    let found = tokio::time::timeout(
-        Duration::from_secs(90),
-        await_condition(api.clone(), name, move |object: Option<&K>| {
-            object.is_some_and(&check)
-        }),
-    )
-    .await;
-    match found {
-        Ok(Ok(Some(object))) => object,
-        _ => {
-            let status = api
-                .get_opt(name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|object| serde_json::to_value(object).ok())
-                .map(|object| object["status"].clone());
-            panic!(
-                "{} {name}: timed out waiting for {what}; its status is now:\n{}",
-                K::kind(&()),
-                serde_yaml::to_string(&status).unwrap_or_default()
-            );
-        }
+    let check = &check;
+    eventually(format!("{} {name}: {what}", K::kind(&())))
+        .within(OBJECT_TIMEOUT)
+        .every(Duration::from_millis(100))
+        .until_async(move || async move {
+            match api.get_opt(name).await {
+                Ok(Some(object)) if check(&object) => Ok(object),
+                Ok(Some(object)) => Err(Shown(describe(&object))),
+                Ok(None) => Err(Shown("it does not exist".into())),
+                Err(error) => Err(Shown(format!("reading it failed: {error}"))),
+            }
+        })
+        .await
+}
+
+/// Waits (bounded) until the object with `uid` is gone (deleted, or
+/// replaced by another object of the same name).
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, uid: &str)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug,
+    K: serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+{
+    eventually(format!("{} {name} to be deleted", K::kind(&())))
+        .within(OBJECT_TIMEOUT)
+        .every(Duration::from_millis(100))
+        .until_async(move || async move {
+            match api.get_opt(name).await {
+                Ok(None) => Ok(()),
+                Ok(Some(object)) if object.meta().uid.as_deref() != Some(uid) => Ok(()),
+                Ok(Some(object)) => Err(Shown(format!(
+                    "still there, deletion requested at {:?}, finalizers {:?}",
+                    object.meta().deletion_timestamp,
+                    object.meta().finalizers
+                ))),
+                Err(error) => Err(Shown(format!("reading it failed: {error}"))),
+            }
+        })
+        .await
+}
+
+/// What a timeout message shows of an object: its status as YAML, or the
+/// names of a Secret's entries (their values may be private keys).
+fn describe<K: serde::Serialize>(object: &K) -> String {
+    let value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(data) = value["data"].as_object() {
+        let names: Vec<&String> = data.keys().collect();
+        return format!("entries: {names:?}");
     }
+    format!(
+        "status:\n{}",
+        serde_yaml::to_string(&value["status"]).unwrap_or_default()
+    )
 }
 
 /// The status of a condition of a MailDomain, if present.
