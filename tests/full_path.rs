@@ -3,7 +3,7 @@
 //! published in a real knot, the relay run as a process on the config
 //! Secret the operator rendered (written to a directory the way kubelet
 //! mounts a Secret), a message submitted with swaks using the tenant's
-//! credentials Secret, stored by Postfix's smtp-sink, and its DKIM
+//! credentials Secret, stored by the SMTP sink (aiosmtpd), and its DKIM
 //! signature verified by dkimpy. Then a rotation: the relay picks up the new
 //! key without a restart and the next message verifies with it.
 

@@ -1,5 +1,5 @@
 //! The signing relay with real peers: swaks submits with AUTH over
-//! STARTTLS, Postfix's smtp-sink stores what the relay forwards, dkimpy
+//! STARTTLS, an SMTP sink (aiosmtpd) stores what the relay forwards, dkimpy
 //! verifies the stored messages against keys published in a real knot.
 
 mod support;
@@ -17,8 +17,7 @@ use mailauth_operator::relay::config::{
 use mailauth_operator::relay::hash_password;
 use support::dns::{Knot, Zone};
 use support::mail::{
-    KubeletDir, Relay, SmtpSink, SmtpUpstream, Swaks, TestCa, dkimpy_verify,
-    self_signed_certificate,
+    KubeletDir, Relay, SmtpSink, Swaks, TestCa, dkimpy_verify, self_signed_certificate,
 };
 use support::wait::{Shown, eventually};
 
@@ -568,7 +567,7 @@ fn a_private_smarthost_gets_signed_mail_over_starttls_or_tls_with_auth() {
         ("starttls", UpstreamTls::StartTls),
         ("tls", UpstreamTls::Tls),
     ] {
-        let upstream = SmtpUpstream::start(mode, ("relay", "smarthost-password"), &cert, &key);
+        let upstream = SmtpSink::start_secure(mode, ("relay", "smarthost-password"), &cert, &key);
         let f = fixture_with(|_| smarthost(upstream.port, tls, "smarthost-password", Some(&ca)));
         let sent = submission(
             f.relay.port,
@@ -600,7 +599,7 @@ fn a_private_smarthost_gets_signed_mail_over_starttls_or_tls_with_auth() {
 fn the_smarthosts_refusal_is_passed_on_and_its_deferral_deferred() {
     let ca = TestCa::new();
     let (cert, key) = ca.issue("upstream", "127.0.0.1");
-    let upstream = SmtpUpstream::start("starttls", ("relay", "smarthost-password"), &cert, &key);
+    let upstream = SmtpSink::start_secure("starttls", ("relay", "smarthost-password"), &cert, &key);
     let f = fixture_with(|_| {
         smarthost(
             upstream.port,
@@ -648,7 +647,7 @@ fn the_smarthosts_refusal_is_passed_on_and_its_deferral_deferred() {
 fn a_smarthost_that_is_not_trusted_or_refuses_the_login_defers_mail_and_loses_none() {
     let ca = TestCa::new();
     let (cert, key) = ca.issue("upstream", "127.0.0.1");
-    let upstream = SmtpUpstream::start("starttls", ("relay", "smarthost-password"), &cert, &key);
+    let upstream = SmtpSink::start_secure("starttls", ("relay", "smarthost-password"), &cert, &key);
     let other_ca = TestCa::new();
     let untrusted = fixture_with(|_| {
         smarthost(
