@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::metrics::{Samples, scrape};
 use super::wait::eventually;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -467,6 +468,12 @@ impl Relay {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The relay's `/metrics`, parsed; panics when it does not answer 200.
+    pub fn metrics(&self) -> Samples {
+        scrape(self.admin_port)
+            .unwrap_or_else(|| panic!("the relay's /metrics did not answer\n{}", self.log()))
     }
 
     /// `(status, body)` of a GET on the admin port.
