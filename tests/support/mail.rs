@@ -246,16 +246,22 @@ impl Swaks {
         if self.starttls {
             command.arg("--tls");
         }
+        // swaks takes a password that starts with `-` (one generated
+        // password in 64) for an option, however it is passed on the
+        // command line; asked for it, it reads it from stdin as it is.
+        let mut password_line = None;
         if let Some((username, password)) = &self.auth {
             let mechanism = self.auth_mechanism.as_deref().unwrap_or("PLAIN");
             command
                 .args(["--auth", mechanism])
                 .args(["--auth-user", username])
-                .args(["--auth-password", password]);
+                .arg("--auth-password");
+            password_line = Some(format!("{password}\n"));
         }
-        let output = command
-            .output()
-            .expect("running swaks (Debian package `swaks`)");
+        let output = super::cluster::run_with_stdin(
+            &mut command,
+            Some(password_line.as_deref().unwrap_or("")),
+        );
         Submission {
             success: output.status.success(),
             transcript: format!(
