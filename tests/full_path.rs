@@ -18,6 +18,7 @@ use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
 use support::mail::{KubeletDir, Relay, SmtpSink, Swaks, dkimpy_verify, self_signed_certificate};
 use support::operator::{Operator, is, wait_for};
+use support::wait::{accept_if, eventually};
 
 const ZONE: &str = "tenant.test";
 const DUE: SignedDuration = SignedDuration::from_secs(11 * 60);
@@ -165,8 +166,8 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
         sent.transcript,
         relay.log()
     );
-    let stored = sink.wait_for(1, std::time::Duration::from_secs(30));
-    let verdicts = dkimpy_verify(&stored[0], knot.port());
+    sink.wait_for(1, std::time::Duration::from_secs(30));
+    let verdicts = dkimpy_verify(&sink.last().expect("a stored message"), knot.port());
     assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
     assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
     assert_eq!(
@@ -203,6 +204,15 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
             .any(|(_, b)| String::from_utf8_lossy(b).contains(&second))
     })
     .await;
+    // The relay reloads the swapped directory on its own: once it reports
+    // the reload, the very next message is signed with the new selector.
+    let reloads = || {
+        relay.metrics().value(
+            "mailauth_relay_config_reloads_total",
+            &[("result", "success")],
+        )
+    };
+    let reloads_before = reloads();
     let files = secret_files(&config);
     mounted.write(
         &files
@@ -210,33 +220,31 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
             .map(|(n, b)| (n.as_str(), b.clone()))
             .collect::<Vec<_>>(),
     );
-    // The relay reloads on its own; wait until a message carries the new
-    // selector (each attempt is a real submission that must succeed).
-    let mut delivered = 1;
-    let mut rotated = None;
-    for n in 2..=40 {
-        let sent = submit(n);
-        assert!(
-            sent.success,
-            "swaks failed during the reload:\n{}",
-            sent.transcript
-        );
-        delivered += 1;
-        let stored = sink.wait_for(delivered, std::time::Duration::from_secs(30));
-        let verdicts = dkimpy_verify(&stored[delivered - 1], knot.port());
-        assert!(
-            verdicts.iter().all(|v| v.pass),
-            "every stored message verifies: {verdicts:?}"
-        );
-        if verdicts.iter().any(|v| v.selector == second) {
-            rotated = Some(n);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
+    eventually("the relay to reload the rotated config")
+        .within(std::time::Duration::from_secs(30))
+        .until_async(|| async { accept_if(reloads(), |n| *n > reloads_before) })
+        .await;
+    let sent = submit(2);
     assert!(
-        rotated.is_some(),
-        "the relay never signed with the new selector:\n{}",
+        sent.success,
+        "swaks failed after the reload:\n{}\nrelay log:\n{}",
+        sent.transcript,
+        relay.log()
+    );
+    let stored = sink.wait_for(2, std::time::Duration::from_secs(30));
+    assert_eq!(stored.len(), 2, "one message per submission");
+    let last = sink.last().expect("a stored message");
+    assert!(
+        String::from_utf8_lossy(&last).contains(&format!("Message-ID: <full-2@{ZONE}>")),
+        "the message that arrived last is the one sent last"
+    );
+    let verdicts = dkimpy_verify(&last, knot.port());
+    assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
+    assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
+    assert_eq!(
+        verdicts[0].selector,
+        second,
+        "signed with the new key once the relay reported the reload:\n{}",
         relay.log()
     );
     assert!(
