@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -156,8 +156,21 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
+    /// Deletes the namespace. The test control plane has no namespace
+    /// controller or garbage collector, so what is in it stays; its
+    /// Services are deleted first, as each holds one of the 254 cluster IPs
+    /// (`--service-cluster-ip-range=10.0.0.0/24`) until it is.
     pub async fn delete(self) {
-        let api: Api<Namespace> = Api::all(cluster().client().await);
+        let client = cluster().client().await;
+        let services: Api<Service> = Api::namespaced(client.clone(), &self.name);
+        if let Ok(list) = services.list(&Default::default()).await {
+            for service in list.items {
+                if let Some(name) = service.metadata.name {
+                    let _ = services.delete(&name, &DeleteParams::background()).await;
+                }
+            }
+        }
+        let api: Api<Namespace> = Api::all(client);
         let _ = api.delete(&self.name, &DeleteParams::background()).await;
     }
 }
