@@ -160,3 +160,96 @@ pub fn condition(md: &MailDomain, type_: ConditionType) -> Option<ConditionStatu
 pub fn is(md: &MailDomain, type_: ConditionType, status: ConditionStatus) -> bool {
     condition(md, type_) == Some(status)
 }
+
+/// `mailauth-operator controller` run as the built binary, so that it can
+/// be SIGKILLed: one namespace, checking DNS against a test knot, talking
+/// to the API server through `kubeconfig` (a fault-injecting proxy's).
+///
+/// The binary reads the real clock, and a key's overlap is at least an
+/// hour, so its time is moved with libfaketime (Debian package
+/// `libfaketime`): the realtime clock runs `offset` ahead, set through a
+/// file the test rewrites ([`OperatorProcess::move_clock`]); monotonic
+/// time, which drives timeouts and requeues, is left alone. Reconciles
+/// every 2 s (`--recheck-interval`), so a moved clock is seen promptly.
+pub struct OperatorProcess {
+    namespace: String,
+    dns: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl OperatorProcess {
+    pub fn new(namespace: &str, dns: SocketAddr, kubeconfig: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("operator-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::write(dir.path().join("kubeconfig"), kubeconfig).expect("writing kubeconfig");
+        let process = Self {
+            namespace: namespace.to_string(),
+            dns,
+            dir,
+        };
+        process.move_clock("+0");
+        process
+    }
+
+    /// Starts one incarnation; its output is appended to the log.
+    pub fn spawn(&self) -> std::process::Child {
+        use std::process::{Command, Stdio};
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("operator log");
+        Command::new(env!("CARGO_BIN_EXE_mailauth-operator"))
+            .arg("controller")
+            .args(["--namespace", &self.namespace])
+            .args(["--dns-server", &self.dns.to_string()])
+            .args(["--dns-retry-min", "1s", "--dns-retry-max", "2s"])
+            .args(["--recheck-interval", "2s"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
+            .env("RUST_LOG", "info")
+            .env("LD_PRELOAD", libfaketime())
+            .env("FAKETIME_TIMESTAMP_FILE", self.clock_path())
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("operator log"))
+            .stderr(log)
+            .spawn()
+            .expect("running the operator binary")
+    }
+
+    /// Sets how far ahead of real time the operator's clock runs, as
+    /// libfaketime reads it: `+0`, `+2h`, `+1d`.
+    pub fn move_clock(&self, offset: &str) {
+        std::fs::write(self.clock_path(), format!("{offset}\n")).expect("writing the clock file");
+    }
+
+    /// The last `lines` lines the operator logged, over every incarnation.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn log_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("operator.log")
+    }
+
+    fn clock_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("clock")
+    }
+}
+
+/// libfaketime's multi-threaded build, wherever Debian put it.
+fn libfaketime() -> std::path::PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|path| path.exists())
+        .expect("libfaketime is missing: install the Debian package `libfaketime`")
+}
