@@ -48,7 +48,7 @@ const KEYS_SECRET: &str = "acme-dkim";
 const RELAY_CONFIG: &str = "shared-relay-config";
 /// Runs of the kill test going on at once (each its own namespace, knot,
 /// proxy and operator process).
-const PARALLEL_RUNS: usize = 3;
+const PARALLEL_RUNS: usize = 6;
 /// How long one run may take to get through the rotation.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -637,7 +637,9 @@ fn situation_at(log: &[Mutation], kill: &Kill) -> Situation {
 ///   sent that status (it cannot have verified a record not yet there);
 /// - every Active key's private key is in the key Secret, in every status
 ///   version and every Secret version;
-/// - a key's state only moves forward, and an Active key never vanishes;
+/// - a key's state only moves forward, an Active key never vanishes, a
+///   selector always names the same key, and at most one generation is
+///   Pending;
 /// - the relay config only carries selectors that are Active in the status
 ///   the operator had written, and were published when it sent the config.
 fn check_history(log: &[Mutation]) -> Vec<String> {
@@ -675,6 +677,17 @@ fn check_history(log: &[Mutation]) -> Vec<String> {
                             key.selector
                         ));
                     }
+                }
+                let pending: BTreeSet<u32> = keys
+                    .iter()
+                    .filter(|k| k.state == KeyState::Pending)
+                    .map(|k| k.generation)
+                    .collect();
+                if pending.len() > 1 {
+                    violations.push(format!(
+                        "{at}: {} Pending generations at once",
+                        pending.len()
+                    ));
                 }
                 let now: BTreeMap<String, KeyState> =
                     keys.iter().map(|k| (k.selector.clone(), k.state)).collect();
