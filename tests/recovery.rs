@@ -169,12 +169,27 @@ async fn an_operator_killed_at_any_write_of_a_rotation_loses_no_key_and_never_si
         failures.join("\n")
     );
     // Request counts vary a little between runs (two controllers, events):
-    // a kill point past the end of a shorter run may not land. Most must.
+    // a kill point past the end of a shorter run may not land. Most must,
+    // and every kind of write the baseline made was killed at, both ways.
     assert!(
         landed * 10 >= runs.len() * 9,
         "only {landed} of {} kills landed",
         runs.len()
     );
+    let killed: BTreeSet<(String, bool)> = runs
+        .iter()
+        .flat_map(|run| &run.kills)
+        .map(|kill| (write_kind(&kill.at), kill.point == KillPoint::AfterApplied))
+        .collect();
+    for kind in baseline.log.iter().map(write_kind).collect::<BTreeSet<_>>() {
+        for after in [false, true] {
+            assert!(
+                killed.contains(&(kind.clone(), after)),
+                "no kill landed {} {kind}",
+                if after { "after" } else { "before" }
+            );
+        }
+    }
     assert!(
         between_secret_and_status > 0,
         "no kill landed between storing a new key and the status write that lists it"
@@ -755,6 +770,17 @@ fn moves_forward(before: KeyState, after: KeyState) -> bool {
             | (Retiring, Retiring | Retired)
             | (Retired, Retired)
     )
+}
+
+/// What a write was, whatever its object's generated name: `PATCH
+/// /api/v1/…/secrets/acme-dkim`, `PATCH /apis/events.k8s.io/v1/…/events/*`.
+fn write_kind(mutation: &Mutation) -> String {
+    let path = short_path(&mutation.path);
+    let path = match path.split_once("/events/") {
+        Some((before, _)) => format!("{before}/events/*"),
+        None => path,
+    };
+    format!("{} {path}", mutation.method)
 }
 
 /// A request path without the namespace part, for messages.
