@@ -5,6 +5,7 @@
 mod support;
 
 use support::cluster::cluster;
+use support::wait::{Shown, eventually};
 
 const VALID_DOMAIN: &str = r#"
 apiVersion: mailauth.dev/v1alpha1
@@ -282,16 +283,20 @@ async fn kubectl_explain_shows_field_docs() {
     c.install_crds().await;
     // The OpenAPI document kubectl explain reads is published a moment
     // after the CRD is Established: poll for it, bounded.
-    let mut last = String::new();
-    for _ in 0..50 {
-        let out = c.kubectl(&["explain", "maildomain.spec.dkim"], None);
-        last = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        if out.status.success() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let last = eventually("kubectl explain to find maildomain.spec.dkim")
+        .within(std::time::Duration::from_secs(10))
+        .every(std::time::Duration::from_millis(200))
+        .until_async(|| async {
+            let out = c.kubectl(&["explain", "maildomain.spec.dkim"], None);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                Ok(text)
+            } else {
+                Err(Shown(text))
+            }
+        })
+        .await;
     for text in [
         "How DKIM keys are generated and rotated",
         "rsaKeySize",

@@ -4,7 +4,7 @@
 //! operator deploys it (watching its config Secrets through the API server,
 //! as the relay's own ServiceAccount, so the Role the operator renders is
 //! what it runs with), a message submitted with swaks using the tenant's
-//! credentials Secret, stored by Postfix's smtp-sink, and its DKIM
+//! credentials Secret, stored by the SMTP sink (aiosmtpd), and its DKIM
 //! signature verified by dkimpy. Then a rotation: the relay picks up the new
 //! key without a restart and the next message verifies with it.
 
@@ -20,6 +20,7 @@ use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
 use support::mail::{Relay, SmtpSink, Swaks, dkimpy_verify, self_signed_certificate};
 use support::operator::{Operator, is, wait_for};
+use support::wait::{accept_if, eventually};
 
 const ZONE: &str = "tenant.test";
 const DUE: SignedDuration = SignedDuration::from_secs(11 * 60);
@@ -32,21 +33,6 @@ fn mentions(secret: &Secret, text: &str) -> bool {
         .flatten()
         .any(|(_, bytes)| String::from_utf8_lossy(&bytes.0).contains(text))
 }
-
-/// Whether `check` holds within 30 s, polled without blocking the
-/// in-process operator.
-async fn eventually(check: impl Fn() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    check()
-}
-
-const RELOADS: &str = "mailauth_relay_config_reloads_total{result=\"success\"}";
 
 fn field(secret: &Secret, key: &str) -> String {
     String::from_utf8(secret.data.as_ref().expect("data")[key].0.clone()).expect("utf-8")
@@ -163,16 +149,15 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     let kubeconfig = c.service_account_kubeconfig(&ns.name, "shared-relay", tls_dir.path());
     let (cert, key) = self_signed_certificate(tls_dir.path(), "relay.platform.test");
     let relay = Relay::start_from_cluster("shared", &ns.name, &kubeconfig, Some((&cert, &key)));
-    assert!(
-        eventually(|| {
-            relay
-                .metric("mailauth_relay_config_domains")
-                .is_some_and(|domains| domains >= 1.0)
+    eventually("the relay to serve the domain")
+        .within(std::time::Duration::from_secs(30))
+        .until_async(|| async {
+            accept_if(
+                relay.metrics().value("mailauth_relay_config_domains", &[]),
+                |domains| *domains >= 1.0,
+            )
         })
-        .await,
-        "the relay never served the domain:\n{}",
-        relay.log()
-    );
+        .await;
 
     let credentials = secrets
         .get("tenant-smtp")
@@ -201,8 +186,8 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
         sent.transcript,
         relay.log()
     );
-    let stored = sink.wait_for(1, std::time::Duration::from_secs(30));
-    let verdicts = dkimpy_verify(&stored[0], knot.port());
+    sink.wait_for(1, std::time::Duration::from_secs(30));
+    let verdicts = dkimpy_verify(&sink.last().expect("a stored message"), knot.port());
     assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
     assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
     assert_eq!(
@@ -215,7 +200,13 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     // next message is signed with the new selector. Only the activation
     // changes the shard (a Pending key is not served), so the first reload
     // after the shard carries the new selector is that one.
-    let reloads_before = relay.metric(RELOADS).expect("the reload counter");
+    let reloads = || {
+        relay.metrics().value(
+            "mailauth_relay_config_reloads_total",
+            &[("result", "success")],
+        )
+    };
+    let reloads_before = reloads();
     let patch =
         serde_json::json!({"metadata": {"annotations": {"mailauth.dev/rotate-requested": "now"}}});
     domains
@@ -246,33 +237,34 @@ async fn a_message_through_the_operator_rendered_relay_arrives_signed_and_verifi
     .await
     .expect("the relay config carries the new key within 60 s")
     .expect("watching the config shard");
-    assert!(
-        eventually(|| {
-            relay
-                .metric(RELOADS)
-                .is_some_and(|reloads| reloads > reloads_before)
-        })
-        .await,
-        "the relay never reloaded its config:\n{}",
-        relay.log()
-    );
+    // Once the relay reports the reload, the very next message is signed
+    // with the new selector.
+    eventually("the relay to reload the rotated config")
+        .within(std::time::Duration::from_secs(30))
+        .until_async(|| async { accept_if(reloads(), |n| *n > reloads_before) })
+        .await;
     let sent = submit(2);
     assert!(
         sent.success,
-        "swaks failed after the reload:\n{}",
-        sent.transcript
+        "swaks failed after the reload:\n{}\nrelay log:\n{}",
+        sent.transcript,
+        relay.log()
     );
     let stored = sink.wait_for(2, std::time::Duration::from_secs(30));
-    let newest = stored
-        .iter()
-        .find(|m| String::from_utf8_lossy(m).contains("Subject: full path 2"))
-        .expect("the second message is stored");
-    let verdicts = dkimpy_verify(newest, knot.port());
+    assert_eq!(stored.len(), 2, "one message per submission");
+    let last = sink.last().expect("a stored message");
+    assert!(
+        String::from_utf8_lossy(&last).contains(&format!("Message-ID: <full-2@{ZONE}>")),
+        "the message that arrived last is the one sent last"
+    );
+    let verdicts = dkimpy_verify(&last, knot.port());
     assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
     assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
     assert_eq!(
-        verdicts[0].selector, second,
-        "the message after the reload is signed with the new key"
+        verdicts[0].selector,
+        second,
+        "signed with the new key once the relay reported the reload:\n{}",
+        relay.log()
     );
     assert!(
         relay

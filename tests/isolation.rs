@@ -121,17 +121,20 @@ fn message(from_domain: &str, subject: &str) -> String {
     )
 }
 
-/// Whether `check` holds within 60 s, polled without blocking the
-/// in-process operator.
+/// Waits (up to 60 s) until `check` holds, through the one polling
+/// helper: never blocks the in-process operator.
 async fn eventually(what: &str, check: impl AsyncFn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let check = &check;
+    support::wait::eventually(what)
+        .within(Duration::from_secs(60))
+        .until_async(|| async move {
+            if check().await {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        })
+        .await;
 }
 
 impl Platform {
@@ -205,7 +208,7 @@ impl Platform {
         let relay =
             Relay::start_from_cluster("shared", &mail.name, &kubeconfig, Some((&cert, &key)));
         eventually("the relay serving both domains", async || {
-            relay.metric("mailauth_relay_config_domains") == Some(2.0)
+            relay.metrics().find("mailauth_relay_config_domains", &[]) == Some(2.0)
         })
         .await;
         let victim_secrets: Api<Secret> = Api::namespaced(client.clone(), &victim_ns.name);
@@ -341,7 +344,10 @@ impl Platform {
         })
         .await;
         eventually("the running relay to serve one domain", async || {
-            self.relay.metric("mailauth_relay_config_domains") == Some(1.0)
+            self.relay
+                .metrics()
+                .find("mailauth_relay_config_domains", &[])
+                == Some(1.0)
         })
         .await;
     }
@@ -527,8 +533,13 @@ async fn garbage_in_one_tenants_key_leaves_only_that_tenant_off_and_others_keep_
     // Only the activation changes the victim's shard (a Pending key is not
     // served), so the first reload after the shard carries the new key is
     // that one.
-    let reloads = "mailauth_relay_config_reloads_total{result=\"success\"}";
-    let before = p.relay.metric(reloads).expect("the reload counter");
+    let reloads = || {
+        p.relay.metrics().value(
+            "mailauth_relay_config_reloads_total",
+            &[("result", "success")],
+        )
+    };
+    let before = reloads();
     p.victim_domains
         .patch(
             "victim",
@@ -557,10 +568,7 @@ async fn garbage_in_one_tenants_key_leaves_only_that_tenant_off_and_others_keep_
         })
     })
     .await;
-    eventually("the running relay to reload", async || {
-        p.relay.metric(reloads).is_some_and(|now| now > before)
-    })
-    .await;
+    eventually("the running relay to reload", async || reloads() > before).await;
     assert_eq!(
         p.victim_mail_verifies("garbage-rotated"),
         second,

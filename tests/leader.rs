@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,7 +12,9 @@ use mailauth_operator::api::{ConditionStatus, ConditionType, MailDomain};
 use support::cluster::cluster;
 use support::dns::{Knot, Zone};
 use support::mail::free_tcp_port;
+use support::metrics::{Samples, scrape};
 use support::operator::{is, wait_for};
+use support::wait::eventually;
 
 const LEASE: &str = "mailauth-test-leader";
 
@@ -53,20 +53,9 @@ impl Replica {
         }
     }
 
-    /// The value of a metric on this replica's /metrics, if it answers.
-    fn metric(&self, name: &str) -> Option<f64> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut body = String::new();
-        stream.read_to_string(&mut body).ok()?;
-        body.lines()
-            .find(|line| line.split_whitespace().next() == Some(name))
-            .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+    /// This replica's /metrics; `None` while it does not answer.
+    fn metrics(&self) -> Option<Samples> {
+        scrape(self.metrics_port)
     }
 }
 
@@ -83,31 +72,39 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
 
 async fn wait_holder(leases: &Api<Lease>, other_than: Option<&str>) -> String {
     // Bounded by the Lease duration (15 s) plus renewal slack.
-    for _ in 0..300 {
-        if let Some(h) = holder(leases)
-            .await
-            .filter(|h| Some(h.as_str()) != other_than)
-        {
-            return h;
+    eventually(format!(
+        "a replica other than {other_than:?} to hold the Lease"
+    ))
+    .within(Duration::from_secs(60))
+    .every(Duration::from_millis(200))
+    .until_async(|| async {
+        match holder(leases).await {
+            Some(h) if Some(h.as_str()) != other_than => Ok(h),
+            held_by => Err(held_by),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("no replica (other than {other_than:?}) acquired the Lease within 60 s");
+    })
+    .await
 }
 
-async fn wait_metric(replica: &Replica, name: &str, check: impl Fn(f64) -> bool) {
-    for _ in 0..100 {
-        if replica.metric(name).is_some_and(&check) {
-            return;
+async fn wait_metric(
+    replica: &Replica,
+    name: &str,
+    labels: &[(&str, &str)],
+    check: impl Fn(f64) -> bool,
+) {
+    eventually(format!(
+        "{name} on {} to reach the expected value",
+        replica.identity
+    ))
+    .within(Duration::from_secs(10))
+    .every(Duration::from_millis(100))
+    .until_async(|| async {
+        match replica.metrics().and_then(|m| m.find(name, labels)) {
+            Some(value) if check(value) => Ok(()),
+            value => Err(value),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{} on {} never reached the expected value: {:?}",
-        name,
-        replica.identity,
-        replica.metric(name)
-    );
+    })
+    .await
 }
 
 async fn create(domains: &Api<MailDomain>, name: &str) {
@@ -146,14 +143,18 @@ async fn only_the_leader_writes_and_killing_it_hands_over() {
     let (leader, follower): (Vec<&Replica>, Vec<&Replica>) =
         replicas.iter().partition(|r| r.identity == first);
     // The counter moves just after the write the watch already reported.
-    wait_metric(leader[0], "mailauth_status_writes_total", |n| n > 0.0).await;
+    wait_metric(leader[0], "mailauth_status_writes_total", &[], |n| n > 0.0).await;
     assert_eq!(
-        follower[0].metric("mailauth_is_leader"),
+        follower[0]
+            .metrics()
+            .map(|m| m.value("mailauth_is_leader", &[])),
         Some(0.0),
         "the follower knows it follows"
     );
     assert_eq!(
-        follower[0].metric("mailauth_status_writes_total"),
+        follower[0]
+            .metrics()
+            .map(|m| m.value("mailauth_status_writes_total", &[])),
         Some(0.0),
         "the follower never writes"
     );
@@ -174,11 +175,17 @@ async fn only_the_leader_writes_and_killing_it_hands_over() {
         is(md, ConditionType::KeysReady, ConditionStatus::True)
     })
     .await;
-    wait_metric(&replicas[0], "mailauth_status_writes_total", |n| n > 0.0).await;
-    // The new leader counts the keys it found as well as the one it made.
-    wait_metric(&replicas[0], "mailauth_keys{state=\"Pending\"}", |n| {
-        n == 2.0
+    wait_metric(&replicas[0], "mailauth_status_writes_total", &[], |n| {
+        n > 0.0
     })
+    .await;
+    // The new leader counts the keys it found as well as the one it made.
+    wait_metric(
+        &replicas[0],
+        "mailauth_keys",
+        &[("state", "Pending")],
+        |n| n == 2.0,
+    )
     .await;
     drop(replicas);
     ns.delete().await;

@@ -23,7 +23,8 @@ use mailauth_operator::api::{
 use mailauth_operator::dkim::{PrivateKeyPem, dkim_txt_value, signing_key_from_pem};
 use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
-use support::operator::{Operator, is, wait_for};
+use support::operator::{Operator, is, wait_deleted, wait_for};
+use support::wait::{accept_if, eventually};
 
 const ZONE: &str = "acme.test";
 /// Longer than the longest DNS retry backoff (10 min): after moving the
@@ -418,7 +419,9 @@ async fn a_record_that_disappears_flips_the_condition_with_an_event_and_dns_erro
     for _ in 1..=3 {
         let reconciles = f.operator.reconciles();
         f.operator.advance(SignedDuration::from_secs(1));
-        wait_until_async(|| f.operator.reconciles() > reconciles).await;
+        eventually(format!("a reconcile after the {reconciles}th"))
+            .until_async(|| async { accept_if(f.operator.reconciles(), |now| *now > reconciles) })
+            .await;
     }
     let after = f.domains.get("acme").await.expect("reading the MailDomain");
     assert_eq!(
@@ -605,17 +608,7 @@ async fn deletion_honours_the_deletion_policy() {
             .unwrap();
     }
     for (name, uid) in ["gone", "kept"].into_iter().zip(&uids) {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(60),
-            kube::runtime::wait::await_condition(
-                f.domains.clone(),
-                name,
-                kube::runtime::wait::conditions::is_deleted(uid),
-            ),
-        )
-        .await
-        .expect("MailDomain deleted within 60 s")
-        .unwrap();
+        wait_deleted(&f.domains, name, uid).await;
     }
     assert!(
         f.secrets.get_opt("gone-dkim").await.unwrap().is_none(),
@@ -676,17 +669,7 @@ async fn the_first_verified_maildomain_owns_a_domain() {
 }
 
 async fn wait_secret(api: &Api<Secret>, name: &str, check: impl Fn(&Secret) -> bool) -> Secret {
-    let found = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(api.clone(), name, move |s: Option<&Secret>| {
-            s.is_some_and(&check)
-        }),
-    )
-    .await;
-    match found {
-        Ok(Ok(Some(secret))) => secret,
-        _ => panic!("Secret {name} did not reach the expected state within 60 s"),
-    }
+    wait_for(api, name, "the expected entries", check).await
 }
 
 /// (reason, note) of the Events about a MailDomain.
@@ -703,27 +686,15 @@ async fn events_for(namespace: &str, name: &str) -> Vec<(String, String)> {
 }
 
 async fn wait_events(namespace: &str, name: &str, reason: &str) -> Vec<(String, String)> {
-    for _ in 0..300 {
-        let events = events_for(namespace, name).await;
-        if events.iter().any(|e| e.0 == reason) {
-            return events;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!(
-        "no {reason} event for {name}: {:?}",
-        events_for(namespace, name).await
-    );
-}
-
-async fn wait_until_async(check: impl Fn() -> bool) {
-    for _ in 0..600 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("condition not reached within 30 s");
+    eventually(format!("a {reason} event about {name}"))
+        .within(std::time::Duration::from_secs(30))
+        .every(std::time::Duration::from_millis(100))
+        .until_async(|| async {
+            accept_if(events_for(namespace, name).await, |events| {
+                events.iter().any(|e| e.0 == reason)
+            })
+        })
+        .await
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use mailauth_operator::relay::auth::PasswordHash;
 use mailauth_operator::relay::config::{DomainShard, shard_of, shard_secret_name};
 use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
-use support::operator::{Operator, is, wait_for};
+use support::operator::{Operator, is, wait_deleted, wait_for};
 
 const ZONE: &str = "relayed.test";
 const DUE: SignedDuration = SignedDuration::from_secs(11 * 60);
@@ -42,17 +42,7 @@ async fn wait_config(
     what: &str,
     check: impl Fn(&[DomainShard]) -> bool,
 ) -> Vec<DomainShard> {
-    let found = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(api.clone(), name, move |s: Option<&Secret>| {
-            s.is_some_and(|s| check(&shards(s)))
-        }),
-    )
-    .await;
-    match found {
-        Ok(Ok(Some(secret))) => shards(&secret),
-        _ => panic!("relay config {name}: timed out waiting for {what}"),
-    }
+    shards(&wait_for(api, name, what, |s| check(&shards(s))).await)
 }
 
 #[tokio::test]
@@ -183,17 +173,10 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
 
     // The relay's status is written last, after its config, Deployment and
     // Service.
-    let relay = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(relays.clone(), "shared", |r: Option<&MailRelay>| {
-            r.and_then(|r| r.status.as_ref())
-                .is_some_and(|s| s.domains == 1)
-        }),
-    )
-    .await
-    .expect("the relay counts the domain in its status")
-    .expect("watching the relay")
-    .expect("the relay exists");
+    let relay = wait_for(&relays, "shared", "the domain counted in its status", |r| {
+        r.status.as_ref().is_some_and(|s| s.domains == 1)
+    })
+    .await;
     assert!(Condition::is_true(
         &relay.status.unwrap().conditions,
         ConditionType::Configured
@@ -229,17 +212,7 @@ async fn a_ready_domain_reaches_its_relay_and_leaves_it_on_deletion() {
         .delete("acme", &DeleteParams::default())
         .await
         .unwrap();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        kube::runtime::wait::await_condition(
-            domains.clone(),
-            "acme",
-            kube::runtime::wait::conditions::is_deleted(&uid),
-        ),
-    )
-    .await
-    .expect("MailDomain deleted")
-    .unwrap();
+    wait_deleted(&domains, "acme", &uid).await;
     let after = secrets.get_opt(&shard_name(ZONE)).await.unwrap();
     assert!(
         after.is_none(),

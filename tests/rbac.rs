@@ -19,10 +19,11 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::cluster::{TestNamespace, cluster};
+use support::wait::eventually;
 
 /// A tenant namespace for namespaced questions; it need not exist.
 const TENANT: &str = "tenant-a";
@@ -172,14 +173,16 @@ impl Installed {
                 "RoleBinding",
             ),
         ];
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !probes.iter().all(|p| self.can(p)) {
-            assert!(
-                Instant::now() < deadline,
-                "the chart's bindings never took effect"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        eventually("the chart's bindings to take effect")
+            .every(Duration::from_millis(100))
+            .until(|| {
+                let not_yet = self.answered_otherwise(&probes, true);
+                if not_yet.is_empty() {
+                    Ok(())
+                } else {
+                    Err(not_yet)
+                }
+            });
     }
 
     /// The questions whose answer is not `expected`, one line each.
@@ -589,14 +592,15 @@ async fn a_tenant_may_change_its_maildomains_but_never_their_status() {
         let out = c.kubectl(&args, None);
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !can("patch", None, &tenant_ns.name) {
-        assert!(
-            Instant::now() < deadline,
-            "the tenant binding never took effect"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually("the tenant's binding to take effect")
+        .within(Duration::from_secs(30))
+        .until(|| {
+            if can("patch", None, &tenant_ns.name) {
+                Ok(())
+            } else {
+                Err("kubectl auth can-i patch: no")
+            }
+        });
     for verb in [
         "create", "update", "patch", "delete", "get", "list", "watch",
     ] {

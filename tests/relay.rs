@@ -1,5 +1,5 @@
 //! The signing relay with real peers: swaks submits with AUTH over
-//! STARTTLS, Postfix's smtp-sink stores what the relay forwards, dkimpy
+//! STARTTLS, an SMTP sink (aiosmtpd) stores what the relay forwards, dkimpy
 //! verifies the stored messages against keys published in a real knot.
 
 mod support;
@@ -15,11 +15,11 @@ use mailauth_operator::relay::config::{
     UpstreamSettings,
 };
 use mailauth_operator::relay::hash_password;
-use support::dns::{Knot, Zone, wait_until};
+use support::dns::{Knot, Zone};
 use support::mail::{
-    KubeletDir, Relay, SmtpSink, SmtpUpstream, Swaks, TestCa, dkimpy_verify,
-    self_signed_certificate,
+    KubeletDir, Relay, SmtpSink, Swaks, TestCa, dkimpy_verify, self_signed_certificate,
 };
+use support::wait::{Shown, eventually};
 
 const RELAY_HOST: &str = "relay.test";
 const WAIT: Duration = Duration::from_secs(30);
@@ -271,19 +271,18 @@ fn mail_submitted_over_starttls_is_signed_and_verifies_with_dkimpy() {
         "\r\n\r\nHello Bob,\r\n.leading dot line\r\n\r\nA body line with trailing space \r\n"
     ));
 
-    let (status, metrics) = f.relay.http_get("/metrics").expect("metrics");
-    assert_eq!(status, 200);
-    assert!(
-        metrics.contains("mailauth_relay_messages_accepted_total 2"),
-        "{metrics}"
+    let metrics = f.relay.metrics();
+    assert_eq!(
+        metrics.value("mailauth_relay_messages_accepted_total", &[]),
+        2.0
     );
-    assert!(
-        metrics.contains("mailauth_relay_messages_signed_total 2"),
-        "{metrics}"
+    assert_eq!(
+        metrics.value("mailauth_relay_messages_signed_total", &[]),
+        2.0
     );
-    assert!(
-        metrics.contains("mailauth_relay_upstream_latency_seconds_count 2"),
-        "{metrics}"
+    assert_eq!(
+        metrics.value("mailauth_relay_upstream_latency_seconds_count", &[]),
+        2.0
     );
     let log = f.relay.log();
     assert!(
@@ -437,19 +436,24 @@ fn spoofing_attempts_are_refused_and_nothing_reaches_the_sink() {
     let stored = f.sink.wait_for(1, WAIT);
     assert_eq!(stored.len(), 1, "a refused message reached the sink");
 
-    let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
-    for reason in [
-        "envelope_domain_not_allowed",
-        "header_domain_not_allowed",
-        "several_from_headers",
-        "several_from_addresses",
-        "from_is_group",
-        "auth_failed",
-        "not_authenticated",
+    let metrics = f.relay.metrics();
+    // One count per refusal above (three of them for the header From).
+    for (reason, count) in [
+        ("envelope_domain_not_allowed", 1.0),
+        ("header_domain_not_allowed", 3.0),
+        ("several_from_headers", 1.0),
+        ("several_from_addresses", 1.0),
+        ("from_is_group", 1.0),
+        ("auth_failed", 1.0),
+        ("not_authenticated", 1.0),
     ] {
-        assert!(
-            metrics.contains(&format!("reason=\"{reason}\"")),
-            "{reason} missing:\n{metrics}"
+        assert_eq!(
+            metrics.value(
+                "mailauth_relay_messages_rejected_total",
+                &[("reason", reason)]
+            ),
+            count,
+            "{reason}"
         );
     }
 }
@@ -497,15 +501,15 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
     let (renewed, renewed_fingerprint) = certificate_files();
     assert_ne!(before, renewed_fingerprint);
     f.tls.write(&renewed);
-    let served = wait_until(WAIT, || {
-        served_fingerprint(f.relay.port).filter(|served| *served == renewed_fingerprint)
-    });
-    assert!(
-        served.is_some(),
-        "the relay still serves {:?} instead of {renewed_fingerprint}\nrelay log:\n{}",
-        served_fingerprint(f.relay.port),
-        f.relay.log()
-    );
+    let served = eventually(format!("the relay to serve {renewed_fingerprint}"))
+        .within(WAIT)
+        .try_until(|| match served_fingerprint(f.relay.port) {
+            Some(served) if served == renewed_fingerprint => Ok(()),
+            served => Err(served),
+        });
+    if let Err(timed_out) = served {
+        panic!("{timed_out}\nrelay log:\n{}", f.relay.log());
+    }
     let sent = submission(
         f.relay.port,
         "acme",
@@ -521,22 +525,25 @@ fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
     let (stranger, _) = certificate_files();
     f.tls
         .write(&[renewed[0].clone(), ("tls.key", stranger[1].1.clone())]);
-    let refused = wait_until(WAIT, || {
-        f.relay
-            .log()
-            .contains("the new TLS certificate does not load")
-            .then_some(())
-    });
-    assert!(refused.is_some(), "relay log:\n{}", f.relay.log());
+    eventually("the relay to log that the new TLS certificate does not load")
+        .within(WAIT)
+        .until(|| {
+            let log = f.relay.log();
+            if log.contains("the new TLS certificate does not load") {
+                Ok(())
+            } else {
+                Err(Shown(log))
+            }
+        });
     assert_eq!(served_fingerprint(f.relay.port), Some(renewed_fingerprint));
-    let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
-    assert!(
-        metrics.contains("mailauth_relay_tls_reloads_total{result=\"success\"} 1"),
-        "{metrics}"
+    let metrics = f.relay.metrics();
+    assert_eq!(
+        metrics.value("mailauth_relay_tls_reloads_total", &[("result", "success")]),
+        1.0
     );
-    assert!(
-        metrics.contains("mailauth_relay_tls_reloads_total{result=\"invalid\"} 1"),
-        "{metrics}"
+    assert_eq!(
+        metrics.value("mailauth_relay_tls_reloads_total", &[("result", "invalid")]),
+        1.0
     );
     assert!(
         !f.relay.log().contains("PRIVATE KEY"),
@@ -564,7 +571,7 @@ fn a_private_smarthost_gets_signed_mail_over_starttls_or_tls_with_auth() {
         ("starttls", UpstreamTls::StartTls),
         ("tls", UpstreamTls::Tls),
     ] {
-        let upstream = SmtpUpstream::start(mode, ("relay", "smarthost-password"), &cert, &key);
+        let upstream = SmtpSink::start_secure(mode, ("relay", "smarthost-password"), &cert, &key);
         let f = fixture_with(|_| smarthost(upstream.port, tls, "smarthost-password", Some(&ca)));
         let sent = submission(
             f.relay.port,
@@ -596,7 +603,7 @@ fn a_private_smarthost_gets_signed_mail_over_starttls_or_tls_with_auth() {
 fn the_smarthosts_refusal_is_passed_on_and_its_deferral_deferred() {
     let ca = TestCa::new();
     let (cert, key) = ca.issue("upstream", "127.0.0.1");
-    let upstream = SmtpUpstream::start("starttls", ("relay", "smarthost-password"), &cert, &key);
+    let upstream = SmtpSink::start_secure("starttls", ("relay", "smarthost-password"), &cert, &key);
     let f = fixture_with(|_| {
         smarthost(
             upstream.port,
@@ -631,11 +638,15 @@ fn the_smarthosts_refusal_is_passed_on_and_its_deferral_deferred() {
         );
     }
     assert!(upstream.messages().is_empty());
-    let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
+    let metrics = f.relay.metrics();
     for reason in ["upstream_refused", "upstream_deferred"] {
-        assert!(
-            metrics.contains(&format!("reason=\"{reason}\"")),
-            "{metrics}"
+        assert_eq!(
+            metrics.value(
+                "mailauth_relay_messages_rejected_total",
+                &[("reason", reason)]
+            ),
+            1.0,
+            "{reason}"
         );
     }
 }
@@ -644,7 +655,7 @@ fn the_smarthosts_refusal_is_passed_on_and_its_deferral_deferred() {
 fn a_smarthost_that_is_not_trusted_or_refuses_the_login_defers_mail_and_loses_none() {
     let ca = TestCa::new();
     let (cert, key) = ca.issue("upstream", "127.0.0.1");
-    let upstream = SmtpUpstream::start("starttls", ("relay", "smarthost-password"), &cert, &key);
+    let upstream = SmtpSink::start_secure("starttls", ("relay", "smarthost-password"), &cert, &key);
     let other_ca = TestCa::new();
     let untrusted = fixture_with(|_| {
         smarthost(
@@ -717,14 +728,17 @@ fn with_the_upstream_down_the_client_gets_4xx_and_nothing_is_stored() {
     assert!(!result.success, "{}", result.transcript);
     assert_eq!(result.failure_code(), Some(451), "{}", result.transcript);
     assert_eq!(f.sink.count(), 0);
-    let (_, metrics) = f.relay.http_get("/metrics").expect("metrics");
-    assert!(
-        metrics.contains("reason=\"upstream_unavailable\""),
-        "{metrics}"
+    let metrics = f.relay.metrics();
+    assert_eq!(
+        metrics.value(
+            "mailauth_relay_messages_rejected_total",
+            &[("reason", "upstream_unavailable")]
+        ),
+        1.0
     );
-    assert!(
-        !metrics.contains("mailauth_relay_messages_accepted_total 1"),
-        "{metrics}"
+    assert_eq!(
+        metrics.value("mailauth_relay_messages_accepted_total", &[]),
+        0.0
     );
 }
 
@@ -777,21 +791,25 @@ fn a_key_rotation_during_a_stream_of_messages_loses_none_and_all_verify() {
         .write(&config_files(&settings(f.sink.port), &shard));
 
     // Keep streaming until messages signed with the new key have arrived.
-    let new_selector_seen = wait_until(WAIT, || {
-        let messages = f.sink.messages();
-        let signed_new = messages
-            .iter()
-            .filter(|m| String::from_utf8_lossy(m).contains("s=acme2026b"))
-            .count();
-        (signed_new >= 5).then_some(())
-    });
+    let new_selector_seen = eventually("5 messages signed with the new key")
+        .within(WAIT)
+        .try_until(|| {
+            let messages = f.sink.messages();
+            let signed_new = messages
+                .iter()
+                .filter(|m| String::from_utf8_lossy(m).contains("s=acme2026b"))
+                .count();
+            if signed_new >= 5 {
+                Ok(())
+            } else {
+                Err(signed_new)
+            }
+        });
     stop.store(true, Ordering::Relaxed);
     let results = sender.join().expect("sender thread");
-    assert!(
-        new_selector_seen.is_some(),
-        "the relay never signed with the new key:\n{}",
-        f.relay.log()
-    );
+    if let Err(timed_out) = new_selector_seen {
+        panic!("{timed_out}\nrelay log:\n{}", f.relay.log());
+    }
 
     let failures: Vec<_> = results.iter().filter(|r| !r.success).collect();
     assert!(

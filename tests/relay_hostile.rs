@@ -21,9 +21,10 @@ use mailauth_operator::relay::config::{
     DomainEntry, DomainShard, RelaySettings, SigningKeyEntry, TenantEntry, UpstreamSettings,
 };
 use mailauth_operator::relay::hash_password;
-use support::dns::{Knot, Zone, wait_until};
+use support::dns::{Knot, Zone};
 use support::mail::{KubeletDir, Relay, SmtpConnection, dkimpy_verify, reply_code};
 use support::postfix::Postfix;
+use support::wait::poll_some;
 
 const WAIT: Duration = Duration::from_secs(30);
 const RCPT: &str = "bob@example.net";
@@ -144,7 +145,7 @@ impl Fixture {
         self.config.write(&files(&self.settings, shard));
         let relay = &self.relay;
         assert!(
-            wait_until(WAIT, || (self.reloads() > before).then_some(())).is_some(),
+            poll_some(WAIT, || (self.reloads() > before).then_some(())).is_some(),
             "the relay did not reload:\n{}",
             relay.log()
         );
@@ -651,7 +652,7 @@ fn strangers_cannot_hold_the_slots_tenants_need() {
     // busy it keeps itself (NOOP and RSET do not extend it).
     let started = Instant::now();
     for connection in &mut strangers {
-        let closed = wait_until(WAIT, || {
+        let closed = poll_some(WAIT, || {
             let reply = connection.command("NOOP").unwrap_or_default();
             let reply = if reply.starts_with("250") {
                 connection.command("RSET").unwrap_or_default()
@@ -672,7 +673,7 @@ fn strangers_cannot_hold_the_slots_tenants_need() {
         started.elapsed()
     );
     // The slots are free again: a tenant gets in.
-    let mut late = wait_until(WAIT, || {
+    let mut late = poll_some(WAIT, || {
         let mut connection = SmtpConnection::connect_from(stranger(6), port).ok()?;
         connection.greeting.starts_with("220 ").then_some(())?;
         let reply = connection
@@ -761,7 +762,7 @@ fn a_trickle_of_message_data_is_cut() {
     // the average rate is what gets it cut. Once the relay has closed, a
     // write fails.
     let started = Instant::now();
-    let cut = wait_until(WAIT, || a.send_raw(b"x").is_err().then_some(()));
+    let cut = poll_some(WAIT, || a.send_raw(b"x").is_err().then_some(()));
     assert!(cut.is_some(), "the trickle was never cut");
     let reply = a.read_reply().unwrap_or_default();
     assert!(
@@ -785,7 +786,7 @@ fn a_session_ends_at_its_deadline_however_busy() {
     });
     let mut a = f.tenant("tenant-a");
     let started = Instant::now();
-    let reply = wait_until(WAIT, || {
+    let reply = poll_some(WAIT, || {
         let reply = a.command("NOOP").unwrap_or_default();
         (!reply.starts_with("250")).then_some(reply)
     })
@@ -828,7 +829,7 @@ fn a_tenant_can_hold_only_its_share_of_sessions() {
     send_ok(&mut first, "alice@a.test", "a-still-sends");
     // A session that ends frees its place.
     drop(first);
-    let fourth = wait_until(WAIT, || {
+    let fourth = poll_some(WAIT, || {
         let mut connection = SmtpConnection::connect(f.relay.port).ok()?;
         let reply = connection
             .ehlo_and_auth("tenant-a", &password("tenant-a"))
@@ -871,7 +872,7 @@ fn a_tenants_messages_in_memory_are_bounded() {
     // The relay holds the first message's 60 KiB once its gauge says so.
     let relay = &f.relay;
     assert!(
-        wait_until(WAIT, || {
+        poll_some(WAIT, || {
             let metrics = relay.http_get("/metrics")?.1;
             let held: f64 = metrics
                 .lines()
@@ -1061,7 +1062,7 @@ fn logs_hold_no_key_no_forged_line_and_no_failed_username() {
     ]);
     let relay = &f.relay;
     assert!(
-        wait_until(WAIT, || relay.log()[before..]
+        poll_some(WAIT, || relay.log()[before..]
             .contains("relay config")
             .then_some(()))
         .is_some(),

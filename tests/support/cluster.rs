@@ -7,12 +7,14 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::wait::{Condition as _, conditions};
 use kube::{Client, Config};
+
+use super::wait::eventually;
 
 /// Where the control plane keeps its state and tools.
 pub struct Cluster {
@@ -96,13 +98,21 @@ impl Cluster {
         );
         let crds: Api<CustomResourceDefinition> = Api::all(self.client().await);
         for name in ["maildomains.mailauth.dev", "mailrelays.mailauth.dev"] {
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                await_condition(crds.clone(), name, conditions::is_crd_established()),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("CRD {name} not Established within 60 s"))
-            .expect("watching CRD");
+            let crds = &crds;
+            eventually(format!("CRD {name} to be Established"))
+                .within(Duration::from_secs(60))
+                .until_async(move || async move {
+                    let crd = crds.get_opt(name).await;
+                    match &crd {
+                        Ok(found)
+                            if conditions::is_crd_established().matches_object(found.as_ref()) =>
+                        {
+                            Ok(())
+                        }
+                        _ => Err(crd.map(|found| found.and_then(|crd| crd.status))),
+                    }
+                })
+                .await;
         }
     }
 
@@ -198,8 +208,21 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
+    /// Deletes the namespace. The test control plane has no namespace
+    /// controller or garbage collector, so what is in it stays; its
+    /// Services are deleted first, as each holds one of the 254 cluster IPs
+    /// (`--service-cluster-ip-range=10.0.0.0/24`) until it is.
     pub async fn delete(self) {
-        let api: Api<Namespace> = Api::all(cluster().client().await);
+        let client = cluster().client().await;
+        let services: Api<Service> = Api::namespaced(client.clone(), &self.name);
+        if let Ok(list) = services.list(&Default::default()).await {
+            for service in list.items {
+                if let Some(name) = service.metadata.name {
+                    let _ = services.delete(&name, &DeleteParams::background()).await;
+                }
+            }
+        }
+        let api: Api<Namespace> = Api::all(client);
         let _ = api.delete(&self.name, &DeleteParams::background()).await;
     }
 }

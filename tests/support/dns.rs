@@ -11,15 +11,17 @@
 //!
 //! Records change through RFC 2136 updates signed with a TSIG key (as the
 //! operator's own publishing will), so a test sees exactly what a resolver
-//! would. Every wait polls a condition with a deadline; none sleeps blind.
+//! would. Every wait goes through `support::wait`; none sleeps blind.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
+
+use super::wait::eventually;
 
 /// How long knot may take to start, load zones or apply a change.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -152,23 +154,38 @@ impl Knot {
             tsig_secret: secret,
         };
         let healthy: Vec<&Zone> = zones.iter().filter(|zone| !zone.broken).collect();
-        let ready = wait_until(READY_TIMEOUT, || {
-            if knot.exited() {
-                return Some(false);
+        let ready = eventually("knot to serve every healthy zone")
+            .within(READY_TIMEOUT)
+            .every(POLL)
+            .try_until(|| {
+                if knot.exited() {
+                    return Ok(false);
+                }
+                let answers: Vec<(&str, Option<String>)> = healthy
+                    .iter()
+                    .map(|zone| (zone.origin.as_str(), knot.query_status(&zone.origin, "SOA")))
+                    .collect();
+                if answers
+                    .iter()
+                    .all(|(_, status)| status.as_deref() == Some("NOERROR"))
+                {
+                    Ok(true)
+                } else {
+                    Err(format!("SOA answers: {answers:?}"))
+                }
+            });
+        match ready {
+            Ok(true) => Ok(knot),
+            outcome => {
+                let log = knot.log();
+                knot.stop();
+                let why = match outcome {
+                    Err(timed_out) => timed_out.to_string(),
+                    Ok(_) => "knotd exited".to_string(),
+                };
+                Err(format!("{why}; log:\n{log}"))
             }
-            healthy
-                .iter()
-                .all(|zone| knot.query_status(&zone.origin, "SOA").as_deref() == Some("NOERROR"))
-                .then_some(true)
-        });
-        if ready != Some(true) {
-            let log = knot.log();
-            knot.stop();
-            return Err(format!(
-                "zones not served within {READY_TIMEOUT:?}; log:\n{log}"
-            ));
         }
-        Ok(knot)
     }
 
     /// Where to send queries.
@@ -223,14 +240,20 @@ impl Knot {
     /// Expires `zone`: from now on knot answers SERVFAIL for every name in it.
     pub fn break_zone(&self, zone: &str) {
         self.knotc(&["-b", "zone-purge", "-f", zone, "+expire"]);
-        let failing = wait_until(READY_TIMEOUT, || {
-            (self.query_status(zone, "SOA").as_deref() == Some("SERVFAIL")).then_some(())
-        });
-        assert!(
-            failing.is_some(),
-            "{zone} still answers after expiry; log:\n{}",
-            self.log()
-        );
+        let failing = eventually(format!("{zone} to answer SERVFAIL after expiry"))
+            .within(READY_TIMEOUT)
+            .every(POLL)
+            .try_until(|| {
+                let status = self.query_status(zone, "SOA");
+                if status.as_deref() == Some("SERVFAIL") {
+                    Ok(())
+                } else {
+                    Err(status)
+                }
+            });
+        if let Err(timed_out) = failing {
+            panic!("{timed_out}; log:\n{}", self.log());
+        }
     }
 
     /// Freezes knotd (SIGSTOP): queries get no answer and time out, as with
@@ -239,10 +262,13 @@ impl Knot {
     /// within the next millisecond.
     pub fn pause(&self) {
         self.signal("-STOP");
-        let silent = wait_until(READY_TIMEOUT, || {
-            self.query_status(".", "SOA").is_none().then_some(())
-        });
-        assert!(silent.is_some(), "knotd still answers after SIGSTOP");
+        eventually("knotd to stop answering after SIGSTOP")
+            .within(READY_TIMEOUT)
+            .every(POLL)
+            .until(|| match self.query_status(".", "SOA") {
+                None => Ok(()),
+                Some(status) => Err(status),
+            });
     }
 
     /// Lets a paused knotd answer again.
@@ -259,8 +285,14 @@ impl Knot {
         let pid = child.id().to_string();
         let _ = Command::new("kill").args(["-CONT", &pid]).status();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let exited = wait_until(Duration::from_secs(5), || child.try_wait().ok().flatten());
-        if exited.is_none() {
+        let exited = eventually("knotd to exit after SIGTERM")
+            .within(Duration::from_secs(5))
+            .every(POLL)
+            .try_until(|| match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                other => Err(format!("{other:?}")),
+            });
+        if exited.is_err() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -394,18 +426,4 @@ fn run_with_input(command: &mut Command, input: &str) -> Output {
         .write_all(input.as_bytes())
         .expect("writing to knsupdate");
     child.wait_with_output().expect("waiting for knsupdate")
-}
-
-/// Polls `check` until it returns `Some`, or `None` after `timeout`.
-pub fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(POLL);
-    }
 }

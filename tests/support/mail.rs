@@ -1,10 +1,10 @@
-//! Real mail peers for relay tests: Postfix's `smtp-sink` as the upstream
-//! (Debian package `postfix`; only its binary is used, never the system
-//! service), `swaks` as the submitting client, dkimpy (`python3-dkim`,
+//! Real mail peers for relay tests: an aiosmtpd sink as the upstream
+//! ([`SmtpSink`], plain or as a TLS+AUTH smarthost), `swaks` as the
+//! submitting client, dkimpy (`python3-dkim`,
 //! with `python3-dnspython`) to verify stored messages against the test
 //! knot, and the relay itself run as the built binary.
 //!
-//! Every wait polls a condition with a deadline; none sleeps blind.
+//! Every wait goes through `support::wait`; none sleeps blind.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::dns::wait_until;
+use super::metrics::{Samples, scrape};
+use super::wait::eventually;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -24,59 +25,104 @@ pub fn free_tcp_port() -> u16 {
         .expect("binding an ephemeral port")
 }
 
-fn accepts_connections(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
-/// `smtp-sink` storing every message it accepts as one file in a
-/// directory (with a few `X-` lines and a `Received` header it adds).
+/// The SMTP server relay tests deliver to: `tests/support/smtp_sink.py`
+/// (aiosmtpd, Debian package `python3-aiosmtpd`), plain like Postfix's
+/// smtp-sink or as a smarthost requiring TLS and AUTH.
+///
+/// It stores each message whole, under a name that counts up in arrival
+/// order, before it answers 250 (see the script): what [`SmtpSink::messages`]
+/// returns is exactly what the sink acknowledged (or was about to), never a
+/// file cut short by a kill, in the order it arrived.
 pub struct SmtpSink {
     pub port: u16,
     dir: tempfile::TempDir,
+    /// The script's arguments after `PORT DIR`.
+    mode: Vec<String>,
     child: Option<Child>,
 }
 
 impl SmtpSink {
+    /// A plain sink: no TLS, no AUTH.
     pub fn start() -> Self {
+        Self::start_with(vec!["plain".into()])
+    }
+
+    /// A smarthost that requires TLS (`starttls` or implicit `tls`) and
+    /// AUTH with `credentials`, presenting `cert`/`key`.
+    pub fn start_secure(mode: &str, credentials: (&str, &str), cert: &Path, key: &Path) -> Self {
+        Self::start_with(vec![
+            mode.into(),
+            cert.display().to_string(),
+            key.display().to_string(),
+            credentials.0.into(),
+            credentials.1.into(),
+        ])
+    }
+
+    fn start_with(mode: Vec<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("smtp-sink-")
             .tempdir()
             .expect("temp dir");
-        let port = free_tcp_port();
         let mut sink = Self {
-            port,
+            port: free_tcp_port(),
             dir,
+            mode,
             child: None,
         };
-        sink.spawn("");
+        sink.spawn();
         sink
     }
 
-    /// Starts smtp-sink on the sink's port, naming its files `<prefix>%M.`.
-    fn spawn(&mut self, prefix: &str) {
-        let template = format!("{}/{prefix}%M.", self.dir.path().display());
-        let child = Command::new("smtp-sink")
-            .args(["-u", "root", "-d", &template])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("100")
+    /// Starts the script on the sink's port and waits until it listens.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("sink log file");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/smtp_sink.py"
+            ))
+            .arg(self.port.to_string())
+            .arg(self.messages_dir())
+            .args(&self.mode)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
             .spawn()
-            .expect("running smtp-sink (Debian package `postfix`)");
+            .expect("running aiosmtpd (Debian package `python3-aiosmtpd`)");
+        let mut ready = String::new();
+        let stdout = child.stdout.as_mut().expect("stdout");
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready);
+        if ready.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the SMTP sink did not start:\n{}", self.log());
+        }
         self.child = Some(child);
-        let port = self.port;
-        assert!(
-            wait_until(START_TIMEOUT, || accepts_connections(port).then_some(())).is_some(),
-            "smtp-sink did not listen on {port}"
-        );
     }
 
-    /// Stops the sink: connections to its port are refused from now on.
+    fn messages_dir(&self) -> PathBuf {
+        let dir = self.dir.path().join("messages");
+        std::fs::create_dir_all(&dir).expect("sink message directory");
+        dir
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("sink.log")
+    }
+
+    /// What the sink logged (aiosmtpd's errors, if any).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the sink (SIGKILL, as a crash would): connections to its port
+    /// are refused from now on, and a transaction in flight is lost
+    /// without an answer.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -84,55 +130,60 @@ impl SmtpSink {
         }
     }
 
-    /// The stored messages, as the sink wrote them, with CRLF line ends and
-    /// the sink's own `X-` lines removed (its `Received` header stays: it
-    /// is what a next hop would add).
+    /// Starts the sink again on the same port, keeping what it stored: an
+    /// upstream coming back after an outage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Every message the sink accepted, complete, in arrival order, as it
+    /// was received (CRLF line ends, dot-stuffing undone) behind the
+    /// `Received` header the sink adds.
     pub fn messages(&self) -> Vec<Vec<u8>> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.messages_dir())
             .expect("reading the sink directory")
             .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "eml"))
             .collect();
+        // Zero-padded arrival numbers: name order is arrival order.
         paths.sort();
         paths
             .iter()
-            .filter_map(|path| std::fs::read(path).ok())
-            .map(|raw| {
-                let text = String::from_utf8_lossy(&raw);
-                let mut message = String::new();
-                let mut in_sink_lines = true;
-                for line in text.split('\n') {
-                    if in_sink_lines && line.starts_with("X-") && !line.starts_with("X-Mailer") {
-                        continue;
-                    }
-                    in_sink_lines = false;
-                    message.push_str(line);
-                    message.push_str("\r\n");
-                }
-                message.into_bytes()
-            })
+            .map(|path| std::fs::read(path).expect("a stored message"))
             .collect()
     }
 
+    /// How many messages the sink accepted.
     pub fn count(&self) -> usize {
-        std::fs::read_dir(self.dir.path())
-            .map(|entries| entries.count())
-            .unwrap_or(0)
+        self.messages().len()
     }
 
-    /// Waits until at least `count` messages are stored.
+    /// The message that arrived last, if any.
+    pub fn last(&self) -> Option<Vec<u8>> {
+        self.messages().pop()
+    }
+
+    /// Waits until at least `count` messages are stored; returns them all,
+    /// in arrival order.
     pub fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Vec<u8>> {
-        wait_until(timeout, || (self.count() >= count).then_some(()))
-            .unwrap_or_else(|| panic!("the sink stored {} of {count} messages", self.count()));
-        // smtp-sink writes the file while the transaction runs: wait for
-        // the last one to be complete (it ends with the message's body).
-        wait_until(timeout, || {
-            let messages = self.messages();
-            messages
-                .iter()
-                .all(|m| m.windows(4).any(|w| w == b"\r\n\r\n"))
-                .then_some(messages)
-        })
-        .expect("sink files complete")
+        eventually(format!("the sink to store {count} messages"))
+            .within(timeout)
+            .until(|| {
+                let messages = self.messages();
+                if messages.len() >= count {
+                    Ok(messages)
+                } else {
+                    Err(format!("{} stored", messages.len()))
+                }
+            })
+    }
+
+    /// Whether some stored message has `needle` in its headers or body.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.messages()
+            .iter()
+            .any(|message| String::from_utf8_lossy(message).contains(needle))
     }
 }
 
@@ -195,18 +246,24 @@ impl Swaks {
         if self.starttls {
             command.arg("--tls");
         }
+        // swaks takes a password that starts with `-` (one generated
+        // password in 64) for an option, however it is passed on the
+        // command line; asked for it, it reads it from stdin as it is.
+        let mut password_line = None;
         if let Some((username, password)) = &self.auth {
             let mechanism = self.auth_mechanism.as_deref().unwrap_or("PLAIN");
             command
                 .args(["--auth", mechanism])
-                // `=` keeps a value that starts with `-` from reading as
-                // an option.
+                // `=` keeps a username that starts with `-` from reading as
+                // an option; the password goes on stdin, never in argv.
                 .arg(format!("--auth-user={username}"))
-                .arg(format!("--auth-password={password}"));
+                .arg("--auth-password");
+            password_line = Some(format!("{password}\n"));
         }
-        let output = command
-            .output()
-            .expect("running swaks (Debian package `swaks`)");
+        let output = super::cluster::run_with_stdin(
+            &mut command,
+            Some(password_line.as_deref().unwrap_or("")),
+        );
         Submission {
             success: output.status.success(),
             transcript: format!(
@@ -442,33 +499,26 @@ impl Relay {
             log,
             _log_dir: log_dir,
         };
-        let ready = wait_until(START_TIMEOUT, || {
-            relay
-                .http_get("/readyz")
-                .filter(|(status, _)| *status == 200)
-        });
-        assert!(
-            ready.is_some(),
-            "the relay did not become ready:\n{}",
-            relay.log()
-        );
+        let ready = eventually("the relay to answer /readyz with 200")
+            .within(START_TIMEOUT)
+            .try_until(|| match relay.http_get("/readyz") {
+                Some((200, _)) => Ok(()),
+                other => Err(other),
+            });
+        if let Err(timed_out) = ready {
+            panic!("{timed_out}\nrelay log:\n{}", relay.log());
+        }
         relay
-    }
-
-    /// The value of an unlabelled metric on the relay's `/metrics`, if the
-    /// metric is there.
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = self.http_get("/metrics")?;
-        body.lines()
-            .filter(|line| !line.starts_with('#'))
-            .find_map(|line| {
-                let (metric, value) = line.split_once(' ')?;
-                (metric == name).then(|| value.trim().parse().ok())?
-            })
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The relay's `/metrics`, parsed; panics when it does not answer 200.
+    pub fn metrics(&self) -> Samples {
+        scrape(self.admin_port)
+            .unwrap_or_else(|| panic!("the relay's /metrics did not answer\n{}", self.log()))
     }
 
     /// `(status, body)` of a GET on the admin port.
@@ -528,43 +578,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-impl SmtpSink {
-    /// Starts the sink again on the same port, keeping what it stored:
-    /// an upstream coming back after an outage.
-    pub fn restart(&mut self) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        // smtp-sink names a dump file by the template plus a pseudo-random
-        // suffix, and gives up ("mail_file_open: something is looping")
-        // when those names keep colliding with files an earlier instance
-        // wrote: each instance gets its own prefix.
-        static RESTARTS: AtomicUsize = AtomicUsize::new(0);
-        let generation = RESTARTS.fetch_add(1, Ordering::Relaxed) + 1;
-        self.stop();
-        self.spawn(&format!("r{generation}-"));
-    }
-
-    /// Whether some stored message has `needle` in its headers or body.
-    /// Reads the raw files, so a file still being written counts as soon
-    /// as the needle is in it.
-    pub fn contains(&self, needle: &str) -> bool {
-        self.raw_files()
-            .iter()
-            .any(|raw| String::from_utf8_lossy(raw).contains(needle))
-    }
-
-    /// Every stored file's raw bytes, as the sink wrote them.
-    pub fn raw_files(&self) -> Vec<Vec<u8>> {
-        std::fs::read_dir(self.dir.path())
-            .map(|entries| {
-                entries
-                    .filter_map(|entry| entry.ok())
-                    .filter_map(|entry| std::fs::read(entry.path()).ok())
-                    .collect()
-            })
-            .unwrap_or_default()
     }
 }
 
@@ -810,77 +823,4 @@ fn openssl(dir: &Path, args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-}
-
-/// A smarthost that requires TLS (`starttls` or implicit `tls`) and AUTH:
-/// aiosmtpd (Debian package `python3-aiosmtpd`) running
-/// `tests/support/smtp_upstream.py`, storing each message as one file.
-pub struct SmtpUpstream {
-    pub port: u16,
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl SmtpUpstream {
-    pub fn start(mode: &str, credentials: (&str, &str), cert: &Path, key: &Path) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("smtp-upstream-")
-            .tempdir()
-            .expect("temp dir");
-        let port = free_tcp_port();
-        let log = dir.path().join("upstream.log");
-        let mut child = Command::new("/usr/bin/python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/support/smtp_upstream.py"
-            ))
-            .arg(port.to_string())
-            .arg(dir.path())
-            .arg(cert)
-            .arg(key)
-            .args([mode, credentials.0, credentials.1])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("running aiosmtpd (Debian package `python3-aiosmtpd`)");
-        let mut ready = String::new();
-        let stdout = child.stdout.as_mut().expect("stdout");
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready);
-        if ready.trim() != "ready" {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "the aiosmtpd upstream did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        Self { port, dir, child }
-    }
-
-    /// What aiosmtpd logged.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("upstream.log")).unwrap_or_default()
-    }
-
-    /// The messages stored so far, in arrival order.
-    pub fn messages(&self) -> Vec<Vec<u8>> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .expect("reading the upstream directory")
-            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| path.extension().is_some_and(|ext| ext == "eml"))
-            .collect();
-        paths.sort();
-        paths
-            .iter()
-            .map(|path| std::fs::read(path).expect("a stored message"))
-            .collect()
-    }
-}
-
-impl Drop for SmtpUpstream {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

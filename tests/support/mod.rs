@@ -1,10 +1,16 @@
 //! The one shared helper for integration tests: the real local control plane
-//! (`cluster`), the real authoritative DNS server (`dns`), mail peers
-//! (`mail`) and a real Postfix smarthost (`postfix`).
+//! (`cluster`) and a fault-injecting proxy in front of it
+//! (`apiserver_proxy`), the real authoritative DNS server (`dns`), the real
+//! mail peers (`mail`), a real Postfix smarthost (`postfix`), the operator
+//! in-process (`operator`), `/metrics` read as values (`metrics`) and the
+//! one way to wait for a condition (`wait`).
 #![allow(dead_code)]
 
+pub mod apiserver_proxy;
 pub mod cluster;
 pub mod dns;
 pub mod mail;
+pub mod metrics;
 pub mod operator;
 pub mod postfix;
+pub mod wait;

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::dns::wait_until;
 use super::mail::free_tcp_port;
+use super::wait::poll_some;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -130,7 +130,7 @@ impl Postfix {
             dir,
             running: true,
         };
-        let greeted = wait_until(START_TIMEOUT, || {
+        let greeted = poll_some(START_TIMEOUT, || {
             let stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             let mut line = String::new();
@@ -189,7 +189,7 @@ impl Postfix {
 
     /// Waits until the queue holds at least `count` messages.
     pub fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Queued> {
-        wait_until(timeout, || {
+        poll_some(timeout, || {
             let queue = self.queue();
             (queue.len() >= count).then_some(queue)
         })
@@ -250,7 +250,7 @@ impl Postfix {
         // `postfix stop` returns before the master has gone; its directory
         // must not be removed under it.
         if let Some(pid) = master {
-            wait_until(Duration::from_secs(20), || {
+            poll_some(Duration::from_secs(20), || {
                 (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
             });
         }
