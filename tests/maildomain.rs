@@ -735,3 +735,112 @@ async fn onboarding_many_domains_at_once_generates_exactly_one_key_each() {
     );
     f.finish().await;
 }
+
+/// The domain's one key, Active and Ready, with its record published.
+async fn active_and_published(f: &Fixture, name: &str) -> String {
+    let md = wait_for(&f.domains, name, "a pending key", |md| {
+        selectors_in(md, KeyState::Pending).len() == 1
+    })
+    .await;
+    let first = selectors_in(&md, KeyState::Pending)[0].clone();
+    f.publish_dkim(&md, &first);
+    f.operator.advance(DUE);
+    wait_for(&f.domains, name, "the key Active and Ready", |md| {
+        key_state(md, &first) == Some(KeyState::Active)
+            && is(md, ConditionType::Ready, ConditionStatus::True)
+    })
+    .await;
+    first
+}
+
+/// After a MailDomain comes back without status: the same one key, Active
+/// and Ready again, no new key and no record asked for that is not
+/// published, and the stored key still signs mail that verifies.
+async fn adopted(f: &Fixture, name: &str, selector: &str, uid_before: &str) {
+    let md = wait_for(&f.domains, name, "Ready again", |md| {
+        md.metadata.uid.as_deref() != Some(uid_before)
+            && is(md, ConditionType::Ready, ConditionStatus::True)
+    })
+    .await;
+    let kept: Vec<(String, KeyState)> = keys(&md)
+        .into_iter()
+        .map(|k| (k.selector, k.state))
+        .collect();
+    assert_eq!(
+        kept,
+        [(selector.to_string(), KeyState::Active)],
+        "the same key, still Active, and no new one"
+    );
+    let status = md.status.as_ref().unwrap();
+    assert!(
+        status
+            .records
+            .iter()
+            .filter(|r| r.name.contains("._domainkey."))
+            .all(|r| r.state == RecordState::Verified),
+        "no new DKIM record to publish: {:?}",
+        status.records
+    );
+    let secret = f.secrets.get(&format!("{name}-dkim")).await.unwrap();
+    assert!(
+        secret
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == md.metadata.uid.as_ref()),
+        "the Secret is taken over by the MailDomain that adopted it"
+    );
+    let pem = stored_pem(&secret, selector).expect("the key is still stored");
+    assert_eq!(
+        sign_and_verify(&f.knot, KeyAlgorithm::Ed25519, &pem, selector).await,
+        DkimResult::Pass
+    );
+}
+
+#[tokio::test]
+async fn keys_survive_a_recreated_and_a_restored_maildomain() {
+    let f = fixture("survive").await;
+    let spec = serde_json::json!({
+        "domain": ZONE,
+        "dkim": {"algorithm": "Ed25519"},
+        "deletionPolicy": "Retain",
+    });
+    f.create("acme", spec.clone()).await;
+    let first = active_and_published(&f, "acme").await;
+
+    // Deleted with Retain and re-created from Git: status starts empty.
+    let uid = f.domains.get("acme").await.unwrap().metadata.uid.unwrap();
+    f.domains
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_deleted(&f.domains, "acme", &uid).await;
+    f.create("acme", spec.clone()).await;
+    adopted(&f, "acme", &first, &uid).await;
+
+    // Restored as a backup tool restores: the Secret as it was saved
+    // (owner and all), then the MailDomain, without status.
+    let mut saved = f.secrets.get("acme-dkim").await.unwrap();
+    let uid = f.domains.get("acme").await.unwrap().metadata.uid.unwrap();
+    f.domains
+        .delete("acme", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_deleted(&f.domains, "acme", &uid).await;
+    f.secrets
+        .delete("acme-dkim", &DeleteParams::default())
+        .await
+        .unwrap();
+    saved.metadata.resource_version = None;
+    saved.metadata.uid = None;
+    saved.metadata.creation_timestamp = None;
+    saved.metadata.managed_fields = None;
+    f.secrets
+        .create(&PostParams::default(), &saved)
+        .await
+        .expect("restoring the key Secret");
+    f.create("acme", spec).await;
+    adopted(&f, "acme", &first, &uid).await;
+    f.finish().await;
+}
