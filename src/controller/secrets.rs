@@ -233,6 +233,34 @@ pub fn keys_secret(
     secret
 }
 
+/// A JSON merge patch that makes the Secret read at `read` exactly
+/// `desired`: its data, labels, ledger and owner (the owner list replaced
+/// whole), and every data entry `read` has that `desired` lacks set to null.
+pub fn exact_patch(desired: &Secret, read: Option<&Secret>) -> serde_json::Value {
+    let mut data = serde_json::Map::new();
+    for key in read
+        .and_then(|r| r.data.as_ref())
+        .into_iter()
+        .flat_map(|d| d.keys())
+    {
+        data.insert(key.clone(), serde_json::Value::Null);
+    }
+    for (key, value) in desired.data.iter().flatten() {
+        data.insert(
+            key.clone(),
+            serde_json::to_value(value).expect("bytes serialise"),
+        );
+    }
+    serde_json::json!({
+        "metadata": {
+            "labels": desired.metadata.labels,
+            "annotations": desired.metadata.annotations,
+            "ownerReferences": desired.metadata.owner_references,
+        },
+        "data": data,
+    })
+}
+
 /// A Secret belonging to a MailDomain: in its namespace, labelled so the
 /// controller watches it, owned by it.
 fn domain_secret(domain: &MailDomain, name: String, data: BTreeMap<String, ByteString>) -> Secret {
@@ -413,6 +441,27 @@ mod tests {
         );
         assert!(is_ours(&secret, &md));
         assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "uid-1");
+    }
+
+    #[test]
+    fn an_exact_patch_names_what_goes_and_replaces_the_owner() {
+        let before = domain();
+        let mut after = domain();
+        after.metadata.uid = Some("uid-2".into());
+        let pem = |text: &str| PrivateKeyPem::new(text.into());
+        let read = keys_secret(
+            &before,
+            &BTreeMap::from([("a".to_string(), pem("A")), ("b".to_string(), pem("B"))]),
+            &[],
+        );
+        let desired = keys_secret(&after, &BTreeMap::from([("a".to_string(), pem("A"))]), &[]);
+        let patch = exact_patch(&desired, Some(&read));
+        assert_eq!(patch["data"]["b.pem"], serde_json::Value::Null);
+        assert!(patch["data"]["a.pem"].is_string());
+        let owners = patch["metadata"]["ownerReferences"].as_array().unwrap();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0]["uid"], "uid-2");
+        assert!(patch["metadata"]["annotations"][KEY_LEDGER_ANNOTATION].is_string());
     }
 
     #[test]

@@ -269,7 +269,15 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let mut decision = decide::decide(&observed, &fresh)?;
     let mut done = 0;
     while done < decision.writes.len() {
-        match carry_out(&decision.writes[done], domain, &secrets_api, ctx).await {
+        match carry_out(
+            &decision.writes[done],
+            domain,
+            reads.keys.as_ref(),
+            &secrets_api,
+            ctx,
+        )
+        .await
+        {
             Ok(()) => done += 1,
             Err(error) => {
                 // Decide again with the failure known, and carry out what
@@ -316,6 +324,7 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
 async fn carry_out(
     write: &Write,
     domain: &MailDomain,
+    keys_read: Option<&Secret>,
     secrets_api: &Api<Secret>,
     ctx: &Context,
 ) -> Result<(), Error> {
@@ -323,13 +332,31 @@ async fn carry_out(
     match write {
         Write::StoreKeys(record) | Write::RemovePrivateKeys(record) => {
             let secret = secrets::keys_secret(domain, &record.entries, &record.ledger);
-            secrets_api
-                .patch(
-                    &secrets::keys_secret_name(domain),
-                    &apply,
-                    &Patch::Apply(&secret),
-                )
-                .await?;
+            let name = secrets::keys_secret_name(domain);
+            let taken_over = keys_read.is_some_and(|read| !secrets::is_owned_by(read, domain));
+            if matches!(write, Write::StoreKeys(_)) && !taken_over {
+                secrets_api
+                    .patch(&name, &apply, &Patch::Apply(&secret))
+                    .await?;
+            } else {
+                // Removing entries, or taking over a Secret an earlier
+                // MailDomain (or a restore) wrote: fields another field
+                // manager owns would survive an apply that leaves them
+                // out (a second controller owner, a removed key), so the
+                // Secret is patched to exactly what is wanted, with every
+                // entry that must go named.
+                let patch = secrets::exact_patch(&secret, keys_read);
+                secrets_api
+                    .patch(
+                        &name,
+                        &PatchParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..PatchParams::default()
+                        },
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+            }
             ctx.metrics.secret_writes.inc();
         }
         Write::StoreCredentials {
