@@ -31,7 +31,7 @@ use mailauth_operator::api::{
     ConditionStatus, ConditionType, DkimKeyStatus, KeyState, MailDomain, MailRelay, RecordState,
 };
 use mailauth_operator::dkim::dkim_txt_value;
-use mailauth_operator::relay::config::DomainShard;
+use mailauth_operator::relay::config::{DomainShard, shard_of, shard_secret_name};
 use support::apiserver_proxy::{ApiServerProxy, Kill, KillPoint, Mutation};
 use support::cluster::cluster;
 use support::dns::{Knot, Zone, txt_data};
@@ -45,7 +45,10 @@ const ZONE: &str = "recover.test";
 const DOMAIN: &str = "acme";
 const RELAY: &str = "shared";
 const KEYS_SECRET: &str = "acme-dkim";
-const RELAY_CONFIG: &str = "shared-relay-config";
+/// The relay config shard that lists this test's domain.
+fn relay_config() -> String {
+    shard_secret_name("shared", shard_of(ZONE))
+}
 /// Runs of the kill test going on at once (each its own namespace, knot,
 /// proxy and operator process).
 const PARALLEL_RUNS: usize = 6;
@@ -351,7 +354,7 @@ async fn run_rotation(kill_at: Option<(u64, KillPoint)>) -> Run {
                 .await
                 .map_err(|e| Shown(e.to_string()))?;
             let config = secrets
-                .get_opt(RELAY_CONFIG)
+                .get_opt(&relay_config())
                 .await
                 .map_err(|e| Shown(e.to_string()))?;
             let done = tenant.first_active.as_deref().is_some_and(|first| {
@@ -512,8 +515,15 @@ fn progress(md: &MailDomain, secret: Option<&Secret>, config: Option<&Secret>) -
         .iter()
         .map(|k| format!("{} {:?}", k.selector, k.state))
         .collect();
+    let not_true: Vec<String> = md
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .filter(|c| c.status != ConditionStatus::True)
+        .map(|c| format!("{:?} {}: {}", c.type_, c.reason, c.message))
+        .collect();
     format!(
-        "keys {states:?}; Ready {:?}; private keys {:?}; relay signs with {:?}",
+        "keys {states:?}; Ready {:?} (not True: {not_true:?}); private keys {:?}; relay signs with {:?}",
         support::operator::condition(md, ConditionType::Ready),
         private_keys(secret),
         relay_selectors(config)
@@ -591,11 +601,20 @@ fn object(mutation: &Mutation) -> Object {
         (Some("MailDomain"), Some(DOMAIN)) => serde_json::from_value(value.clone())
             .map(|md| Object::Domain(Box::new(md)))
             .unwrap_or(Object::Other),
-        (Some("Secret"), Some(name)) if name == KEYS_SECRET || name == RELAY_CONFIG => {
+        // A key Secret write is an apply or a merge patch naming every
+        // entry (those that go as null).
+        (Some("Secret"), Some(KEYS_SECRET)) => Object::KeysSecret(
+            value["data"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| !v.is_null())
+                .filter_map(|(k, _)| k.strip_suffix(".pem"))
+                .map(str::to_string)
+                .collect(),
+        ),
+        (Some("Secret"), Some(name)) if name == relay_config() => {
             match serde_json::from_value::<Secret>(value.clone()) {
-                Ok(secret) if name == KEYS_SECRET => {
-                    Object::KeysSecret(private_keys(Some(&secret)))
-                }
                 Ok(secret) => Object::RelayConfig(relay_selectors(Some(&secret))),
                 Err(_) => Object::Other,
             }

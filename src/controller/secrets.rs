@@ -252,7 +252,10 @@ pub fn exact_patch(desired: &Secret, read: Option<&Secret>) -> serde_json::Value
         );
     }
     serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
         "metadata": {
+            "name": desired.metadata.name,
             "labels": desired.metadata.labels,
             "annotations": desired.metadata.annotations,
             "ownerReferences": desired.metadata.owner_references,

@@ -248,11 +248,13 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     };
 
     let Needs { keys, password } = decide::needs(&observed)?;
-    // Generating is the one step that is not idempotent (new random keys),
-    // so it must never act on a stale copy: a reconcile set off by our own
-    // Secret write can run before the watch has delivered the status we
-    // just wrote, and would generate a second key.
-    if !keys.is_empty() && is_stale(domain, ctx).await? {
+    // Generating is the one step that is not idempotent (new random keys
+    // or a new password), so it must never act on a stale copy: a
+    // reconcile set off by our own Secret write can run before the watch
+    // has delivered the status we just wrote, and would generate a second
+    // key, or a second password that a status write losing the race then
+    // records as the first's hash (the credentials then look tampered).
+    if (!keys.is_empty() || password) && is_stale(domain, ctx).await? {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let mut fresh = Fresh::default();
