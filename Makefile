@@ -51,10 +51,12 @@ unit:
 demo:
 	tests/demo/demo.sh
 
-## bench: benchmarks (numbers, not pass/fail): onboarding, DNS checks, relay
+## bench: benchmarks (numbers, not pass/fail): onboarding, DNS checks, relay,
+## and 10,000 domains on one relay with rotations (scale.sh; BENCH_SKIP=scale)
 bench:
 	tests/bench/bench.sh
 	tests/bench/relay.sh
+	tests/bench/scale.sh
 
 ## deps: install (as root) and check the peers and build tools (.ci/install-deps)
 deps:
