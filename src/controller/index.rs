@@ -62,7 +62,21 @@ pub struct Index {
     pub namespaces: Store<Namespace>,
     pub relays: Store<MailRelay>,
     /// `spec.domain` → the MailDomains that claim it.
-    claims: Arc<Mutex<HashMap<String, HashSet<ObjectRef<MailDomain>>>>>,
+    claims: Arc<Mutex<Claims>>,
+    /// The uid and generation each relay was last seen at: only a change of
+    /// its spec (or a new object under its name) concerns its domains and
+    /// its config, not a write of its status.
+    relay_generations: Arc<Mutex<HashMap<ObjectRef<MailRelay>, SeenAt>>>,
+}
+
+/// A relay's uid and generation.
+type SeenAt = (Option<String>, Option<i64>);
+
+/// Who claims which domain, both ways, so noting a claim is O(1).
+#[derive(Default)]
+struct Claims {
+    by_domain: HashMap<String, HashSet<ObjectRef<MailDomain>>>,
+    by_object: HashMap<ObjectRef<MailDomain>, String>,
 }
 
 impl Index {
@@ -99,6 +113,7 @@ impl Index {
             .claims
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .by_domain
             .get(domain)
             .map(|set| set.iter().cloned().collect())
             .unwrap_or_default();
@@ -122,16 +137,21 @@ impl Index {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // A MailDomain claims one domain (spec.domain is immutable), but an
         // object can be re-created under the same name for another domain.
-        for (domain, set) in claims.iter_mut() {
-            if *domain != md.spec.domain {
-                set.remove(&me);
+        if let Some(previous) = claims.by_object.remove(&me)
+            && let Some(set) = claims.by_domain.get_mut(&previous)
+        {
+            set.remove(&me);
+            if set.is_empty() {
+                claims.by_domain.remove(&previous);
             }
         }
-        claims.retain(|_, set| !set.is_empty());
         if present {
-            claims.entry(md.spec.domain.clone()).or_default().insert(me);
-        } else if let Some(set) = claims.get_mut(&md.spec.domain) {
-            set.remove(&me);
+            claims
+                .by_domain
+                .entry(md.spec.domain.clone())
+                .or_default()
+                .insert(me.clone());
+            claims.by_object.insert(me, md.spec.domain.clone());
         }
     }
 }
@@ -355,6 +375,7 @@ pub fn start(
         namespaces,
         relays,
         claims: Arc::default(),
+        relay_generations: Arc::default(),
     };
     let (domain_objects_tx, domain_objects) = unbounded();
     let (domain_triggers_tx, domain_triggers) = unbounded();
@@ -546,6 +567,19 @@ fn on_relay(
         watcher::Event::Apply(relay) | watcher::Event::InitApply(relay) => {
             let _ = fanout.relay_objects.unbounded_send(Ok(relay.clone()));
             let me = ObjectRef::from_obj(relay);
+            let seen = (relay.metadata.uid.clone(), relay.metadata.generation);
+            let previous = index
+                .relay_generations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(me.clone(), seen.clone());
+            if matches!(event, watcher::Event::Apply(_)) && previous == Some(seen) {
+                // Its own status write (the domains it leaves out): nothing
+                // its domains or its config depend on changed. Without this,
+                // every status write of a relay with 10,000 domains would
+                // reconcile all 10,000.
+                return;
+            }
             fanout.change(Change::Relay(me.clone()));
             if matches!(event, watcher::Event::Apply(_)) {
                 // Its SPF authorization and admission shape the records and
@@ -557,6 +591,11 @@ fn on_relay(
         }
         watcher::Event::Delete(relay) => {
             let me = ObjectRef::from_obj(relay);
+            index
+                .relay_generations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&me);
             fanout.change(Change::Relay(me.clone()));
             for md in index.domains_of_relay(&me) {
                 fanout.trigger(ObjectRef::from_obj(&*md));
@@ -654,5 +693,89 @@ mod tests {
             .unwrap();
         assert!(matches!(next().await, watcher::Event::Delete(_)));
         assert_eq!(names(&reader), ["b1"]);
+    }
+
+    fn relay(uid: &str, generation: i64) -> MailRelay {
+        let mut relay: MailRelay = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailRelay",
+            "metadata": {"name": "shared", "namespace": "mail"},
+            "spec": {"hostname": "relay.example", "upstream": {"host": "smtp.example", "port": 25},
+                     "spf": {"include": "_spf.relay.example"}}
+        }))
+        .unwrap();
+        relay.metadata.uid = Some(uid.into());
+        relay.metadata.generation = Some(generation);
+        relay
+    }
+
+    fn domain_on_shared(name: &str) -> MailDomain {
+        let mut md: MailDomain = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailDomain",
+            "metadata": {"name": name, "namespace": "tenant"},
+            "spec": {"domain": format!("{name}.example"),
+                     "relayRef": {"name": "shared", "namespace": "mail"}}
+        }))
+        .unwrap();
+        md.metadata.uid = Some(format!("uid-{name}"));
+        md
+    }
+
+    #[test]
+    fn a_relay_status_write_reconciles_none_of_its_domains_a_spec_change_all() {
+        let (domains, mut domains_writer) = reflector::store::<MailDomain>();
+        for name in ["a", "b"] {
+            domains_writer.apply_watcher_event(&watcher::Event::Apply(domain_on_shared(name)));
+        }
+        let index = Index {
+            domains,
+            secrets: reflector::store().0,
+            namespaces: reflector::store().0,
+            relays: reflector::store().0,
+            claims: Arc::default(),
+            relay_generations: Arc::default(),
+        };
+        let (domain_objects, _domain_objects) = unbounded();
+        let (domain_triggers, mut triggers) = unbounded();
+        let (relay_objects, _relay_objects) = unbounded();
+        let (changes, mut changes_rx) = unbounded();
+        let fanout = Fanout {
+            domain_objects,
+            domain_triggers,
+            relay_objects,
+            changes,
+        };
+        let mut drain = || {
+            let mut triggered = Vec::new();
+            while let Ok(md) = triggers.try_recv() {
+                triggered.push(md.name);
+            }
+            triggered.sort();
+            let mut relay_changes = 0;
+            while let Ok(change) = changes_rx.try_recv() {
+                relay_changes += usize::from(matches!(change, Change::Relay(_)));
+            }
+            (triggered, relay_changes)
+        };
+        let apply = |relay: MailRelay| on_relay(&index, &fanout, Ok(&watcher::Event::Apply(relay)));
+
+        apply(relay("uid-1", 1));
+        assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
+        // Its status written: same object, same generation.
+        apply(relay("uid-1", 1));
+        assert_eq!(drain(), (vec![], 0));
+        // Its spec changed.
+        apply(relay("uid-1", 2));
+        assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
+        // Deleted and made again under the same name, generation 1 again.
+        on_relay(
+            &index,
+            &fanout,
+            Ok(&watcher::Event::Delete(relay("uid-1", 2))),
+        );
+        assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
+        apply(relay("uid-2", 1));
+        assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
+        apply(relay("uid-3", 1));
+        assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
     }
 }

@@ -758,6 +758,10 @@ fn change_notes(
     }
     // A verdict that flips is news; a DNS error in between is not (the
     // record keeps its verdict), so compare conditions, not record states.
+    // What became verified in one reconcile is one event, told with the
+    // key it activated when it did (onboarding is then two events, not
+    // five: each is a write at the API server).
+    let mut verified = Vec::new();
     for type_ in [
         ConditionType::DkimVerified,
         ConditionType::SpfVerified,
@@ -779,14 +783,21 @@ fn change_notes(
                 ),
             }),
             (before, ConditionStatus::True) if before != Some(ConditionStatus::True) => {
-                notes.push(Note {
-                    warning: false,
-                    reason: "RecordVerified",
-                    action: "CheckDNS",
-                    message: format!("{}: {}", type_.as_str(), after.message),
-                });
+                verified.push(format!("{}: {}", type_.as_str(), after.message));
             }
             _ => {}
+        }
+    }
+    if !verified.is_empty() {
+        let verified = verified.join("; ");
+        match notes.iter_mut().find(|n| n.reason == "KeyActivated") {
+            Some(activated) => activated.message = format!("{}; {verified}", activated.message),
+            None => notes.push(Note {
+                warning: false,
+                reason: "RecordVerified",
+                action: "CheckDNS",
+                message: verified,
+            }),
         }
     }
     notes
@@ -1040,6 +1051,30 @@ mod tests {
         let again = world.step(&[]);
         assert!(again.writes.is_empty(), "{:?}", kinds(&again));
         assert!(again.events.is_empty(), "{:?}", again.events);
+    }
+
+    #[test]
+    fn onboarding_is_told_in_two_events_the_verified_records_with_the_key_they_activated() {
+        let mut world = World::new();
+        let first = world.step(&["ma20270115a"]);
+        let reasons = |d: &Decision| d.events.iter().map(|e| e.reason).collect::<Vec<_>>();
+        assert_eq!(reasons(&first), ["KeyGenerated"]);
+        world.dns_says(&["ma20270115a"]);
+        let verified = world.step(&[]);
+        assert_eq!(reasons(&verified), ["KeyActivated"]);
+        let message = &verified.events[0].message;
+        for type_ in ["DKIMVerified", "SPFVerified", "DMARCVerified"] {
+            assert!(message.contains(type_), "{type_} not told in {message:?}");
+        }
+
+        // A record verified later, with no key activated: its own event.
+        let mut world = World::new();
+        world.step(&["ma20270115a"]);
+        world.dns_says(&[]);
+        let records_only = world.step(&[]);
+        assert_eq!(reasons(&records_only), ["RecordVerified"]);
+        assert!(records_only.events[0].message.contains("SPFVerified"));
+        assert!(!records_only.events[0].message.contains("DKIMVerified"));
     }
 
     #[test]
