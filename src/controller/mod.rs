@@ -290,6 +290,16 @@ impl Context {
     pub fn projection(&self) -> &projection::Projection {
         &self.projection
     }
+
+    /// For tests without watches: a Secret store the test fills itself.
+    #[cfg(test)]
+    pub(crate) fn secrets_filled_by_test(
+        &mut self,
+    ) -> kube::runtime::reflector::store::Writer<k8s_openapi::api::core::v1::Secret> {
+        let (store, writer) = kube::runtime::reflector::store();
+        self.index.secrets = store;
+        writer
+    }
 }
 
 /// Runs the operator until SIGTERM or Ctrl-C: the admin server at once,

@@ -119,6 +119,13 @@ pub struct Needs {
     pub password: bool,
 }
 
+impl Needs {
+    /// Nothing to generate.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && !self.password
+    }
+}
+
 /// What the key Secret is to hold: the private keys by selector, and their
 /// ledger.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,10 +1,12 @@
 //! The MailDomain controller: observe, decide, act.
 //!
 //! - **Observe**: the object (from the index), its key and credentials
-//!   Secrets (read fresh from the API server, never from a cache: a
-//!   just-stored key must not look missing), its relay and namespace (from
-//!   the index), the other claimants of its domain, and the DNS outcomes
-//!   (checked when due, see [`DnsMemo`]).
+//!   Secrets, its relay and namespace (from the index), the other claimants
+//!   of its domain, and the DNS outcomes (checked when due, see
+//!   [`DnsMemo`]). The Secrets are first taken from the index; a decision
+//!   that would write or generate anything is made again from the API
+//!   server's copies (a just-stored key must not look missing), so only a
+//!   reconcile that changes nothing rests on the cache.
 //! - **Decide**: [`decide::decide`], pure, returns the writes in order, the
 //!   status, the events and when to look again.
 //! - **Act**: carry out the writes in order; if one fails, decide again
@@ -184,68 +186,143 @@ async fn report_failure(domain: &MailDomain, error: &Error, ctx: &Context) {
     }
 }
 
-/// What the shell reads before deciding.
+/// The MailDomain's Secrets, as the shell read them.
 struct Reads {
     keys: Option<Secret>,
     credentials: Option<Secret>,
 }
 
+impl Reads {
+    /// The index's copies: what the watch last delivered.
+    fn cached(domain: &MailDomain, namespace: &str, ctx: &Context) -> Self {
+        let index = ctx.index();
+        let copy = |name: String| index.secret(namespace, &name).map(|s| (*s).clone());
+        Self {
+            keys: copy(secrets::keys_secret_name(domain)),
+            credentials: copy(secrets::credentials_secret_name(domain)),
+        }
+    }
+
+    /// The API server's copies (a just-stored key must not look missing).
+    async fn fetch(domain: &MailDomain, api: &Api<Secret>) -> Result<Self, Error> {
+        Ok(Self {
+            keys: api.get_opt(&secrets::keys_secret_name(domain)).await?,
+            credentials: api
+                .get_opt(&secrets::credentials_secret_name(domain))
+                .await?,
+        })
+    }
+
+    fn key_secret(&self, domain: &MailDomain) -> KeySecret<'_> {
+        match &self.keys {
+            None => KeySecret::Absent,
+            Some(secret) if secrets::is_ours(secret, domain) => KeySecret::Ours(secret),
+            Some(_) => KeySecret::NotOurs,
+        }
+    }
+}
+
+/// What a decision sees besides the Secrets: the relay and its admission,
+/// the other claimants, the room in the relay's config (all from the index).
+struct Around {
+    relay: Option<Arc<crate::api::MailRelay>>,
+    relay_requested: bool,
+    relay_name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    refused: Option<String>,
+    claimants: Vec<Arc<MailDomain>>,
+    no_room: bool,
+}
+
+impl Around {
+    fn of(domain: &MailDomain, namespace: &str, ctx: &Context) -> Self {
+        let index = ctx.index();
+        let relay_ref = relay_of(domain);
+        let relay = relay_ref.as_ref().and_then(|r| index.relay(r));
+        let labels = index.namespace_labels(namespace);
+        let refused = relay
+            .as_ref()
+            .and_then(|relay| admission(relay, namespace, &labels).err());
+        Self {
+            relay_requested: relay_ref.is_some(),
+            relay_name: relay_ref.as_ref().map(relay_id).unwrap_or_default(),
+            relay,
+            labels,
+            refused,
+            claimants: index.claimants(&domain.spec.domain),
+            no_room: ctx
+                .projection()
+                .is_left_out_for_room(&ObjectRef::from_obj(domain)),
+        }
+    }
+
+    fn observed<'a>(
+        &'a self,
+        domain: &'a MailDomain,
+        now: Timestamp,
+        reads: &'a Reads,
+        dns: &'a [RecordOutcome],
+    ) -> Observed<'a> {
+        Observed {
+            domain,
+            now,
+            keys: reads.key_secret(domain),
+            credentials: reads.credentials.as_ref(),
+            relay: self.relay_view(),
+            dns,
+            claimants: &self.claimants,
+            no_room: self.no_room,
+        }
+    }
+
+    fn relay_view(&self) -> RelayView<'_> {
+        match (self.relay_requested, &self.relay, &self.refused) {
+            (false, _, _) => RelayView::NotRequested,
+            (true, None, _) => RelayView::NotFound {
+                relay: &self.relay_name,
+            },
+            (true, Some(_), Some(why)) => RelayView::Refused { why },
+            (true, Some(relay), None) => RelayView::Admitted {
+                relay,
+                namespace_labels: &self.labels,
+            },
+        }
+    }
+}
+
 async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
     let now = ctx.clock.now();
-    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let reads = Reads {
-        keys: secrets_api
-            .get_opt(&secrets::keys_secret_name(domain))
-            .await?,
-        credentials: secrets_api
-            .get_opt(&secrets::credentials_secret_name(domain))
-            .await?,
-    };
-    let index = ctx.index();
-    let relay_ref = relay_of(domain);
-    let relay = relay_ref.as_ref().and_then(|r| index.relay(r));
-    let labels = index.namespace_labels(&namespace);
-    let refused;
-    let relay_name = relay_ref.as_ref().map(relay_id).unwrap_or_default();
-    let relay_view = match (&relay_ref, &relay) {
-        (None, _) => RelayView::NotRequested,
-        (Some(_), None) => RelayView::NotFound { relay: &relay_name },
-        (Some(_), Some(relay)) => match admission(relay, &namespace, &labels) {
-            Ok(()) => RelayView::Admitted {
-                relay,
-                namespace_labels: &labels,
-            },
-            Err(why) => {
-                refused = why;
-                RelayView::Refused { why: &refused }
-            }
-        },
-    };
-    let key_secret = match &reads.keys {
-        None => KeySecret::Absent,
-        Some(secret) if secrets::is_ours(secret, domain) => KeySecret::Ours(secret),
-        Some(_) => KeySecret::NotOurs,
-    };
-    let expected = decide::records_to_check(domain, key_secret, &relay_view);
+    let around = Around::of(domain, &namespace, ctx);
     let previous_records = domain
         .status
         .as_ref()
         .map(|s| s.records.as_slice())
         .unwrap_or_default();
-    let outcomes = dns_outcomes(domain, &expected, previous_records, now, ctx).await;
-    let claimants = index.claimants(&domain.spec.domain);
-    let me = ObjectRef::from_obj(domain);
-    let observed = Observed {
-        domain,
-        now,
-        keys: key_secret,
-        credentials: reads.credentials.as_ref(),
-        relay: relay_view,
-        dns: &outcomes,
-        claimants: &claimants,
-        no_room: ctx.projection().is_left_out_for_room(&me),
+    let observe = async |reads: &Reads| {
+        let expected =
+            decide::records_to_check(domain, reads.key_secret(domain), &around.relay_view());
+        dns_outcomes(domain, &expected, previous_records, now, ctx).await
     };
+    // Most reconciles change nothing (our own writes coming back, the
+    // periodic DNS recheck): decided from the index's copies of the
+    // Secrets, they cost no read. A reconcile that would write anything,
+    // or generate anything, is decided again below from the API server's
+    // copies, so no write rests on a cache that may lag behind it.
+    let cached = Reads::cached(domain, &namespace, ctx);
+    let outcomes = observe(&cached).await;
+    let settled = around.observed(domain, now, &cached, &outcomes);
+    if decide::needs(&settled)?.is_empty() {
+        let decision = decide::decide(&settled, &Fresh::default())?;
+        if decision.writes.is_empty() && decision.events.is_empty() {
+            return Ok(finish(domain, &decision, now, ctx));
+        }
+    }
+
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let reads = Reads::fetch(domain, &secrets_api).await?;
+    let outcomes = observe(&reads).await;
+    let observed = around.observed(domain, now, &reads, &outcomes);
 
     let Needs { keys, password } = decide::needs(&observed)?;
     // Generating is the one step that is not idempotent (new random keys
@@ -309,17 +386,29 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     for note in &decision.events {
         publish(ctx, domain, note).await;
     }
+    Ok(finish(domain, &decision, now, ctx))
+}
+
+/// What every reconcile ends with: the metrics, and when to look again.
+fn finish(
+    domain: &MailDomain,
+    decision: &decide::Decision,
+    now: Timestamp,
+    ctx: &Context,
+) -> Action {
     ctx.metrics.reconciles.inc();
     ctx.metrics
         .keys
         .record(inventory_key(domain), decide::keys_of(&decision.status));
-
-    let next_check = ctx.dns_memo.get(&me).map(|memo| memo.next_check);
+    let next_check = ctx
+        .dns_memo
+        .get(&ObjectRef::from_obj(domain))
+        .map(|memo| memo.next_check);
     let wake = [decision.wake_at, next_check].into_iter().flatten().min();
-    Ok(match wake {
+    match wake {
         Some(at) => Action::requeue(until(now, at)),
         None => Action::requeue(ctx.settings.recheck_interval),
-    })
+    }
 }
 
 /// One write of a decision.
@@ -613,6 +702,77 @@ mod mock_api_tests {
             ControllerMetrics::register(&mut prometheus_client::registry::Registry::default());
         let ctx = Context::new(client, clock, ControllerArgs::default(), metrics).unwrap();
         (Arc::new(ctx), handle)
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_that_changes_nothing_reads_nothing() {
+        let (mut ctx, mut handle) = context();
+        let mut secrets = Arc::get_mut(&mut ctx).unwrap().secrets_filled_by_test();
+        let mut md = domain();
+        no_dns_needed(&ctx, &md);
+        let fresh = serde_json::to_value(&md).unwrap();
+        let reconcile = tokio::spawn({
+            let (ctx, md) = (ctx.clone(), md.clone());
+            async move { apply(&md, &ctx).await }
+        });
+        answer(&mut handle, |_, _| not_found()).await;
+        answer(&mut handle, |_, _| not_found()).await;
+        answer(&mut handle, |_, _| json(200, fresh.clone())).await;
+        let (_, stored) = answer(&mut handle, |_, body| json(201, body.clone())).await;
+        let (_, status) = answer(&mut handle, |_, _| json(200, fresh.clone())).await;
+        answer(&mut handle, |_, body| json(201, body.clone())).await;
+        reconcile.await.unwrap().unwrap();
+
+        // The watch brings back what was written; DNS says the new record
+        // is missing: that changes the status, decided from fresh reads.
+        let mut secret: Secret = serde_json::from_value(stored).unwrap();
+        secret.metadata.namespace = Some("tenant".into());
+        secrets.apply_watcher_event(&watcher::Event::Apply(secret.clone()));
+        md.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
+        let expected =
+            decide::records_to_check(&md, KeySecret::Ours(&secret), &RelayView::NotRequested);
+        ctx.dns_memo.put(
+            ObjectRef::from_obj(&md),
+            MemoEntry {
+                fingerprint: fingerprint(&expected),
+                outcomes: expected
+                    .iter()
+                    .map(|record| RecordOutcome {
+                        record: record.clone(),
+                        verdict: Some(dns::Verdict::Missing {
+                            reason: "no TXT".into(),
+                        }),
+                    })
+                    .collect(),
+                next_check: Timestamp::MAX,
+            },
+        );
+        let reconcile = tokio::spawn({
+            let (ctx, md) = (ctx.clone(), md.clone());
+            async move { apply(&md, &ctx).await }
+        });
+        let stored = serde_json::to_value(&secret).unwrap();
+        let (first, _) = answer(&mut handle, |_, _| json(200, stored.clone())).await;
+        answer(&mut handle, |_, _| not_found()).await;
+        let (write, status) = answer(&mut handle, |_, _| json(200, fresh.clone())).await;
+        assert_eq!(
+            (first, write),
+            (format!("GET {KEYS}"), format!("PATCH {STATUS}"))
+        );
+        reconcile.await.unwrap().unwrap();
+
+        // Now nothing is to change: nothing is read or written (with no
+        // API server left, a request would fail the reconcile).
+        md.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
+        drop(handle);
+        apply(&md, &ctx)
+            .await
+            .expect("decided from the index, without a request");
+
+        // The same reconcile with the Secret gone from the index reads.
+        secrets.apply_watcher_event(&watcher::Event::Delete(secret));
+        let error = apply(&md, &ctx).await.unwrap_err();
+        assert!(matches!(error, Error::Kube(_)), "{error}");
     }
 
     /// The DNS check is not what these tests are about: answer it from the
