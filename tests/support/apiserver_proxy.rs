@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// Where, relative to the API server applying it, the kill lands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KillPoint {
     /// The request never reaches the API server.
     BeforeForwarding,
@@ -74,9 +74,27 @@ pub struct Kill {
     pub at: Mutation,
 }
 
+/// Which mutating request a kill lands on.
+#[derive(Clone)]
+pub enum Target {
+    /// The n-th of the run (1 for the first).
+    Nth(u64),
+    /// The first whose method and path the predicate accepts.
+    First(Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>),
+}
+
+impl Target {
+    fn hits(&self, index: u64, method: &Method, path: &str) -> bool {
+        match self {
+            Self::Nth(n) => *n == index,
+            Self::First(accepts) => accepts(method, path),
+        }
+    }
+}
+
 struct ProxyState {
     mutations: u64,
-    arm: Option<(u64, KillPoint)>,
+    arm: Option<(Target, KillPoint)>,
     victim: Option<Child>,
     notes: BTreeSet<String>,
     log: Vec<Mutation>,
@@ -158,7 +176,13 @@ impl ApiServerProxy {
     /// Kills the operator at the `n`-th mutating request (counted from the
     /// start of the run), once.
     pub fn arm(&self, n: u64, point: KillPoint) {
-        self.shared.state().arm = Some((n, point));
+        self.arm_at(Target::Nth(n), point);
+    }
+
+    /// Kills the operator at the first mutating request `target` names,
+    /// once.
+    pub fn arm_at(&self, target: Target, point: KillPoint) {
+        self.shared.state().arm = Some((target, point));
     }
 
     /// No kill from now on (one that already landed stays in `kills`).
@@ -308,7 +332,13 @@ async fn forward(
             state.mutations += 1;
             let index = state.mutations;
             let notes = state.notes.clone();
-            if state.arm == Some((index, KillPoint::BeforeForwarding)) {
+            if armed(
+                &state,
+                index,
+                &parts.method,
+                &path,
+                KillPoint::BeforeForwarding,
+            ) {
                 let at = Mutation {
                     index,
                     method: parts.method.clone(),
@@ -385,7 +415,13 @@ async fn forward(
     {
         let mut state = shared.state();
         state.log.push(mutation.clone());
-        if state.arm == Some((index, KillPoint::AfterApplied)) {
+        if armed(
+            &state,
+            index,
+            &mutation.method,
+            &mutation.path,
+            KillPoint::AfterApplied,
+        ) {
             kill_locked(&shared, &mut state, KillPoint::AfterApplied, mutation);
             return refused();
         }
@@ -394,6 +430,14 @@ async fn forward(
     *response.status_mut() = response_parts.status;
     *response.headers_mut() = headers;
     response
+}
+
+/// Whether the armed kill lands on this request at this point.
+fn armed(state: &ProxyState, index: u64, method: &Method, path: &str, point: KillPoint) -> bool {
+    state
+        .arm
+        .as_ref()
+        .is_some_and(|(target, at)| *at == point && target.hits(index, method, path))
 }
 
 fn record(
