@@ -532,24 +532,14 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
         }
     }
 
-    // Records for the keys as they are now. The record of a key made in
-    // this very reconcile is Missing without asking: nobody has seen the
-    // key yet, so nobody can have published it (and the next check, which
-    // the new record makes due at once, then finds the same, which spares
-    // onboarding a status write).
+    // Records for the keys as they are now; new keys are Unchecked until
+    // the next check, which their new records make due at once.
     let expected_now = dns::expected_records(
         &md.spec.domain,
         &md.spec,
         &dkim_status.keys,
         observed.relay.spf(),
     );
-    let made_now = |record: &ExpectedRecord| match &record.requirement {
-        Requirement::DkimPublicKey { selector, .. } => {
-            fresh.keys_failed.is_none()
-                && fresh.keys.iter().any(|(key, _)| key.selector == *selector)
-        }
-        _ => false,
-    };
     let outcomes_now: Vec<RecordOutcome> = expected_now
         .iter()
         .map(|record| RecordOutcome {
@@ -558,12 +548,7 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
                 .dns
                 .iter()
                 .find(|o| same_record(&o.record, record))
-                .and_then(|o| o.verdict.clone())
-                .or_else(|| {
-                    made_now(record).then(|| Verdict::Missing {
-                        reason: "the key was made just now".into(),
-                    })
-                }),
+                .and_then(|o| o.verdict.clone()),
         })
         .collect();
     let records = dns::record_statuses(&outcomes_now, &previous.records, &now_time);
