@@ -74,13 +74,16 @@ pub struct Kill {
     pub at: Mutation,
 }
 
+/// Whether a request (method, path) is one to kill at.
+pub type Accepts = Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>;
+
 /// Which mutating request a kill lands on.
 #[derive(Clone)]
 pub enum Target {
     /// The n-th of the run (1 for the first).
     Nth(u64),
     /// The first whose method and path the predicate accepts.
-    First(Arc<dyn Fn(&Method, &str) -> bool + Send + Sync>),
+    First(Accepts),
 }
 
 impl Target {
