@@ -62,31 +62,15 @@ kubeconfig="$cluster_dir/kubeconfig"
 kubectl="$cluster_dir/bin/kubectl"
 work="$(mktemp -d /tmp/mailauth-scale.XXXXXX)"
 
-log() { echo "scale: $*" >&2; }
-die() {
-  echo "scale: FAILED: $*" >&2
-  exit 1
-}
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-k() { KUBECONFIG="$kubeconfig" "$kubectl" "$@"; }
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$2"; }
+BENCH_NAME=scale
+# shellcheck source=tests/bench/common.sh
+source "$repo/tests/bench/common.sh"
 
 # --- processes we start, stopped on any exit ---------------------------------
 knot_pid=""
 controller_pid=""
 bench_pid=""
 namespaces=()
-stop_pid() { # stop_pid PID: TERM, then KILL after 10 s
-  local pid="$1"
-  [[ -n "$pid" ]] || return 0
-  kill "$pid" 2>/dev/null || return 0
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 stop_relays() { # relays the bench binary started, if it could not stop them
   local f pid
   for f in "$work"/run-*/relay-*.pid; do
