@@ -68,6 +68,13 @@ fn invalid_manifests() -> Vec<Invalid> {
         field,
     };
     vec![
+        domain("a mailbox provider's domain", "gmail.com"),
+        domain(
+            "a subdomain of a mailbox provider's domain",
+            "mail.gmail.com",
+        ),
+        domain("a country domain of a mailbox provider", "hotmail.co.uk"),
+        domain("another mailbox provider family", "yahoo.fr"),
         domain("uppercase domain", "Acme.example"),
         domain("domain without a dot", "localhost"),
         domain("label over 63 characters", &format!("{long_label}.example")),
@@ -236,6 +243,40 @@ async fn valid_minimal_manifests_are_accepted() {
         assert!(
             out.status.success(),
             "{manifest} refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_mailbox_providers_domain_is_refused_saying_the_service_needs_the_clients_own() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("freemail").await;
+    let out = c.kubectl(
+        &["apply", "-n", &ns.name, "-f", "-"],
+        Some(&domain_with("domain: outlook.com")),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "outlook.com accepted");
+    assert!(
+        stderr.contains("the service signs and sends only for the client's own domain"),
+        "{stderr}"
+    );
+    // Names that only look alike are the client's own.
+    for own in [
+        "notgmail.com",
+        "hotmailer.example",
+        "gmail.com.acme.example",
+    ] {
+        let out = c.kubectl(
+            &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+            Some(&domain_with(&format!("domain: {own}"))),
+        );
+        assert!(
+            out.status.success(),
+            "{own} refused: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }

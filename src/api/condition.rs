@@ -48,6 +48,10 @@ pub enum ConditionType {
     RelayAccepted,
     /// Another MailDomain verified this domain first.
     DomainConflict,
+    /// The DNSProvider of `spec.dns.providerRef` wrote every record the
+    /// operator publishes, and the resolver sees them.
+    #[serde(rename = "DNSPublished")]
+    DnsPublished,
     /// (MailRelay) the relay's Deployment, Service and config are rendered.
     Configured,
 }
@@ -62,6 +66,7 @@ impl ConditionType {
             Self::DmarcVerified => "DMARCVerified",
             Self::RelayAccepted => "RelayAccepted",
             Self::DomainConflict => "DomainConflict",
+            Self::DnsPublished => "DNSPublished",
             Self::Configured => "Configured",
         }
     }
@@ -111,6 +116,19 @@ pub enum Reason {
     CredentialsTampered,
     EntryInvalid,
     ConfigFull,
+    // DNSPublished
+    Published,
+    Publishing,
+    ProviderNotFound,
+    ProviderNotAllowed,
+    ZoneNotGranted,
+    BadTsig,
+    ZoneNotServed,
+    UpdateRefused,
+    ForeignRecord,
+    PublishFailed,
+    // Ready (the domain itself)
+    NotOwnDomain,
     // MailRelay
     Rendered,
     UpstreamSecretInvalid,
@@ -157,6 +175,17 @@ impl Reason {
             Self::EntryInvalid => "EntryInvalid",
             Self::ConfigFull => "ConfigFull",
             Self::Rendered => "Rendered",
+            Self::Published => "Published",
+            Self::Publishing => "Publishing",
+            Self::ProviderNotFound => "ProviderNotFound",
+            Self::ProviderNotAllowed => "ProviderNotAllowed",
+            Self::ZoneNotGranted => "ZoneNotGranted",
+            Self::BadTsig => "BadTSIG",
+            Self::ZoneNotServed => "ZoneNotServed",
+            Self::UpdateRefused => "UpdateRefused",
+            Self::ForeignRecord => "ForeignRecord",
+            Self::PublishFailed => "PublishFailed",
+            Self::NotOwnDomain => "NotOwnDomain",
             Self::UpstreamSecretInvalid => "UpstreamSecretInvalid",
             Self::DomainsLeftOut => "DomainsLeftOut",
             Self::Available => "Available",

@@ -18,6 +18,20 @@ macro_rules! domain_pattern {
     };
 }
 
+/// CEL: the domain is not a well-known mailbox provider's domain (nor a
+/// subdomain of one). `hotmail.*`-style families are matched with any
+/// country suffix of one or two labels.
+macro_rules! freemail_rule {
+    () => {
+        concat!(
+            "!['gmail.com', 'googlemail.com', 'outlook.com', 'live.com', 'msn.com', ",
+            "'icloud.com', 'me.com', 'aol.com', 'web.de', 'proton.me', 'protonmail.com', ",
+            "'mail.ru', 'zoho.com'].exists(d, self == d || self.endsWith('.' + d)) && ",
+            "!self.matches('(^|[.])(hotmail|yahoo|gmx|yandex)([.][a-z]{2,3}){1,2}$')"
+        )
+    };
+}
+
 /// One or more DNS labels relative to a domain, such as `bounce`.
 macro_rules! relative_name_pattern {
     () => {
@@ -79,6 +93,7 @@ pub struct MailDomainSpec {
     #[schemars(length(max = 253))]
     #[x_kube(validation = kube::core::Rule::new(concat!("self.matches('", domain_pattern!(), "')")).message("must be a lowercase fully-qualified domain name such as acme.example: labels of 1-63 letters, digits or inner hyphens separated by dots, no trailing dot, no wildcard, no IP address"))]
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("is immutable: the keys, verified records and claim of a MailDomain belong to its domain; create a new MailDomain for another domain"))]
+    #[x_kube(validation = kube::core::Rule::new(freemail_rule!()).message("is a mailbox provider's domain (Gmail, Outlook, Yahoo, ...): the service signs and sends only for the client's own domain; use a domain the client owns"))]
     pub domain: String,
 
     /// The MailRelay that sends this domain's mail. Without it the operator
@@ -108,11 +123,57 @@ pub struct MailDomainSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
 
+    /// How the domain's DNS records are published. Without `providerRef`
+    /// the tenant publishes them by hand, as `status.records` lists them.
+    #[serde(default, skip_serializing_if = "DnsSpec::is_manual")]
+    pub dns: DnsSpec,
+
     /// What happens to the Secret holding the private keys when this
     /// MailDomain is deleted: `Delete` (default) removes it, `Retain` keeps
     /// it (without an owner) so the keys can be reused.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+}
+
+/// How DNS records are published.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsSpec {
+    /// The DNSProvider that writes this domain's records: DKIM always,
+    /// DMARC and SPF only where the domain has none (see `manageSPF`), the
+    /// return path's SPF. Records it did not create are never changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_ref: Option<ProviderRef>,
+
+    /// Whether the operator owns the domain's SPF record. By default it
+    /// publishes one only where the domain has none, and otherwise reports
+    /// the merged record to publish.
+    #[serde(
+        default,
+        rename = "manageSPF",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub manage_spf: bool,
+}
+
+impl DnsSpec {
+    fn is_manual(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// A reference to a DNSProvider.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderRef {
+    /// Name of the DNSProvider.
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = kube::core::Rule::new(concat!("self.matches('", dns_label_pattern!(), "')")).message("must be the name of a DNSProvider: lowercase letters, digits and inner hyphens"))]
+    pub name: String,
+    /// Namespace of the DNSProvider; defaults to this MailDomain's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
 }
 
 /// A reference to a MailRelay.
@@ -322,6 +383,11 @@ pub struct MailDomainStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub records: Vec<DnsRecordStatus>,
 
+    /// The records the operator wrote through the DNSProvider (and so may
+    /// change or remove): nothing else is ever touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<PublishedRecord>,
+
     /// When the DNS records were last checked. Refreshed when a result
     /// changes, and otherwise at most once a day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -461,6 +527,23 @@ pub struct DnsRecordStatus {
     /// Since when the record has been in this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
+}
+
+/// A record the operator wrote.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedRecord {
+    /// The fully-qualified owner name.
+    pub name: String,
+    /// The record type (`TXT`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The value written, whole.
+    pub value: String,
+    /// The zone it was written to.
+    pub zone: String,
+    /// The DNSProvider (`namespace/name`) that wrote it.
+    pub provider: String,
 }
 
 /// What a DNS record is for.

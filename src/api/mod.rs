@@ -1,16 +1,18 @@
-//! The custom resources tenants and platform teams write: `MailDomain` and
-//! `MailRelay` (group `mailauth.dev`, version `v1alpha1`).
+//! The custom resources tenants and platform teams write: `MailDomain`,
+//! `MailRelay` and `DNSProvider` (group `mailauth.dev`, version `v1alpha1`).
 //!
 //! Doc comments on fields become `kubectl explain` text, so they are written
 //! for the person filling in the manifest. Validation lives in the schema (and
 //! CEL rules) so the API server refuses bad input and names the field.
 
 mod condition;
+mod dnsprovider;
 mod duration;
 mod maildomain;
 mod mailrelay;
 
 pub use condition::{Condition, ConditionStatus, ConditionType, Reason};
+pub use dnsprovider::*;
 pub use duration::{Duration, DurationError};
 pub use maildomain::*;
 pub use mailrelay::*;
@@ -23,7 +25,7 @@ pub const GROUP: &str = "mailauth.dev";
 
 /// Every CRD this operator serves, in the order they are installed.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![MailDomain::crd(), MailRelay::crd()]
+    vec![MailDomain::crd(), MailRelay::crd(), DNSProvider::crd()]
         .into_iter()
         .map(without_unknown_formats)
         .collect()

@@ -18,8 +18,10 @@
 
 pub mod dkim;
 pub mod dmarc;
+pub mod publish;
 pub mod records;
 pub mod resolver;
+pub mod rfc2136;
 pub mod spf;
 mod verdict;
 

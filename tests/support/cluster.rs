@@ -97,7 +97,11 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let crds: Api<CustomResourceDefinition> = Api::all(self.client().await);
-        for name in ["maildomains.mailauth.dev", "mailrelays.mailauth.dev"] {
+        for name in [
+            "maildomains.mailauth.dev",
+            "mailrelays.mailauth.dev",
+            "dnsproviders.mailauth.dev",
+        ] {
             let crds = &crds;
             eventually(format!("CRD {name} to be Established"))
                 .within(Duration::from_secs(60))

@@ -26,7 +26,8 @@ use super::wait::eventually;
 /// How long knot may take to start, load zones or apply a change.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
-const TSIG_KEY_NAME: &str = "mailauth-test";
+/// The TSIG key knot accepts updates with (hmac-sha256).
+pub const TSIG_KEY_NAME: &str = "mailauth-test";
 
 /// A zone to serve.
 #[derive(Clone, Debug)]
@@ -195,6 +196,11 @@ impl Knot {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The base64 secret of [`TSIG_KEY_NAME`].
+    pub fn tsig_secret(&self) -> &str {
+        &self.tsig_secret
     }
 
     /// knot's log so far.

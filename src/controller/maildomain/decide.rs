@@ -96,6 +96,8 @@ pub struct Observed<'a> {
     pub claimants: &'a [Arc<MailDomain>],
     /// The relay's config has no room for this domain.
     pub no_room: bool,
+    /// What publishing through the DNSProvider came to.
+    pub publishing: &'a super::dns_publish::Publishing,
 }
 
 /// The random material a decision may need, made by the shell (or why it
@@ -582,6 +584,7 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
         conditions: conditions(&facts, &previous.conditions),
         dkim: Some(dkim_status.clone()),
         records: records.clone(),
+        published: observed.publishing.ledger(&previous.published).to_vec(),
         last_checked,
         keys_secret: Some(secret_name),
         credentials_secret,
@@ -589,6 +592,25 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
     };
     facts.relay = relay_facts(observed, &desired, credentials_after.as_ref(), &stored);
     desired.conditions = conditions(&facts, &previous.conditions);
+    let all_verified = records
+        .iter()
+        .all(|r| matches!(r.state, RecordState::Verified | RecordState::Removable));
+    match observed.publishing.condition(all_verified) {
+        None => desired
+            .conditions
+            .retain(|c| c.type_ != ConditionType::DnsPublished),
+        Some((status, reason, message)) => Condition::upsert(
+            &mut desired.conditions,
+            Condition::new(
+                ConditionType::DnsPublished,
+                status,
+                reason,
+                message,
+                generation,
+                now_time.clone(),
+            ),
+        ),
+    }
 
     if md.status.as_ref() != Some(&desired) {
         writes.push(Write::Status(Box::new(desired.clone())));
@@ -917,6 +939,7 @@ mod tests {
                 dns: &self.dns,
                 claimants: &[],
                 no_room: false,
+                publishing: &super::super::dns_publish::Publishing::Manual,
             }
         }
 

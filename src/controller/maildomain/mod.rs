@@ -14,6 +14,7 @@
 //!   step still ends in a status that says what is wrong.
 
 pub mod decide;
+pub mod dns_publish;
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -262,6 +263,7 @@ impl Around {
         now: Timestamp,
         reads: &'a Reads,
         dns: &'a [RecordOutcome],
+        publishing: &'a dns_publish::Publishing,
     ) -> Observed<'a> {
         Observed {
             domain,
@@ -272,6 +274,7 @@ impl Around {
             dns,
             claimants: &self.claimants,
             no_room: self.no_room,
+            publishing,
         }
     }
 
@@ -310,8 +313,19 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     // or generate anything, is decided again below from the API server's
     // copies, so no write rests on a cache that may lag behind it.
     let cached = Reads::cached(domain, &namespace, ctx);
-    let outcomes = observe(&cached).await;
-    let settled = around.observed(domain, now, &cached, &outcomes);
+    let mut outcomes = observe(&cached).await;
+    // Publishing acts on DNS, not on the API server: it follows what the
+    // check found, and what it wrote is checked again at once, through the
+    // resolver, so the decision sees the records as receivers will.
+    let publishing = dns_publish::publish_records(domain, &namespace, &outcomes, ctx).await;
+    if matches!(
+        publishing,
+        dns_publish::Publishing::Provider { wrote: true, .. }
+    ) {
+        ctx.dns_memo.forget(&ObjectRef::from_obj(domain));
+        outcomes = observe(&cached).await;
+    }
+    let settled = around.observed(domain, now, &cached, &outcomes, &publishing);
     if decide::needs(&settled)?.is_empty() {
         let decision = decide::decide(&settled, &Fresh::default())?;
         if decision.writes.is_empty() && decision.events.is_empty() {
@@ -322,7 +336,7 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let reads = Reads::fetch(domain, &secrets_api).await?;
     let outcomes = observe(&reads).await;
-    let observed = around.observed(domain, now, &reads, &outcomes);
+    let observed = around.observed(domain, now, &reads, &outcomes, &publishing);
 
     let Needs { keys, password } = decide::needs(&observed)?;
     // Generating is the one step that is not idempotent (new random keys
@@ -386,7 +400,83 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     for note in &decision.events {
         publish(ctx, domain, note).await;
     }
+    // Publishing acted on the records as they were before this decision: a
+    // decision that changed them (a new key, a retired one) is published
+    // now, against the status just written, not at the next periodic
+    // reconcile (the one our own write sets off may still see the old
+    // status in the index).
+    if !matches!(publishing, dns_publish::Publishing::Manual)
+        && records_changed(domain, &decision.status)
+    {
+        republish(
+            domain,
+            &namespace,
+            &decision.status,
+            &reads,
+            &around,
+            now,
+            ctx,
+        )
+        .await?;
+    }
     Ok(finish(domain, &decision, now, ctx))
+}
+
+/// Publishes for the status a decision just wrote, and records the ledger
+/// that came of it.
+async fn republish(
+    domain: &MailDomain,
+    namespace: &str,
+    written: &crate::api::MailDomainStatus,
+    reads: &Reads,
+    around: &Around,
+    now: Timestamp,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let mut after = domain.clone();
+    after.status = Some(written.clone());
+    let expected = decide::records_to_check(&after, reads.key_secret(&after), &around.relay_view());
+    let outcomes = dns_outcomes(&after, &expected, &written.records, now, ctx).await;
+    let again = dns_publish::publish_records(&after, namespace, &outcomes, ctx).await;
+    if let dns_publish::Publishing::Provider {
+        ledger,
+        wrote: true,
+        ..
+    } = &again
+    {
+        ctx.dns_memo.forget(&ObjectRef::from_obj(domain));
+        let mut status = written.clone();
+        status.published = ledger.clone();
+        let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), namespace);
+        write_if_changed(
+            &api,
+            &after,
+            Some(written),
+            &status,
+            &ctx.metrics.status_writes,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether the records a decision lists differ from the status's (a record
+/// added, removed or become removable).
+fn records_changed(domain: &MailDomain, status: &crate::api::MailDomainStatus) -> bool {
+    let key = |r: &DnsRecordStatus| {
+        (
+            r.name.clone(),
+            r.value.clone(),
+            r.state == RecordState::Removable,
+        )
+    };
+    let before: Vec<_> = domain
+        .status
+        .iter()
+        .flat_map(|s| s.records.iter().map(key))
+        .collect();
+    let after: Vec<_> = status.records.iter().map(key).collect();
+    before != after
 }
 
 /// What every reconcile ends with: the metrics, and when to look again.
@@ -404,6 +494,18 @@ fn finish(
         .dns_memo
         .get(&ObjectRef::from_obj(domain))
         .map(|memo| memo.next_check);
+    // A record the operator wrote that nothing needs any more (a retired
+    // key's) is removed by the reconcile that sees it so: look again soon
+    // rather than at the next periodic check.
+    let status = &decision.status;
+    let removal_due = status.published.iter().any(|entry| {
+        !status.records.iter().any(|r| {
+            r.name == entry.name && r.value == entry.value && r.state != RecordState::Removable
+        })
+    });
+    if removal_due && domain.spec.dns.provider_ref.is_some() {
+        return Action::requeue(Duration::from_secs(2));
+    }
     let wake = [decision.wake_at, next_check].into_iter().flatten().min();
     match wake {
         Some(at) => Action::requeue(until(now, at)),
@@ -560,7 +662,16 @@ async fn dns_outcomes(
 fn fingerprint(expected: &[ExpectedRecord]) -> u64 {
     let mut hasher = DefaultHasher::new();
     for record in expected {
-        (&record.name, record.record_type.to_string(), &record.value).hash(&mut hasher);
+        // What is asked of the record too: a retired key's record keeps
+        // its name and value but is no longer checked, and the memo must
+        // not hand back outcomes that still ask for it.
+        (
+            &record.name,
+            record.record_type.to_string(),
+            &record.value,
+            record.is_removable(),
+        )
+            .hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -637,6 +748,23 @@ async fn cleanup(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
                     .await?;
             }
         }
+    }
+    // The records the operator wrote go with the domain. A provider that
+    // can no longer remove them does not keep the MailDomain from going:
+    // the tenant is told which records stay.
+    if let Err(why) = dns_publish::remove_all(domain, &namespace, ctx).await {
+        let records: Vec<&str> = domain
+            .status
+            .iter()
+            .flat_map(|s| s.published.iter().map(|r| r.name.as_str()))
+            .collect();
+        let note = decide::Note {
+            warning: true,
+            reason: "RecordsLeftInDNS",
+            action: "Unpublish",
+            message: format!("{why}: remove them by hand: {}", records.join(", ")),
+        };
+        publish(ctx, domain, &note).await;
     }
     ctx.dns_memo.forget(&me);
     ctx.metrics.keys.forget(&inventory_key(domain));

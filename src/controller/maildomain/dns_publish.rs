@@ -1,0 +1,544 @@
+//! Publishing a MailDomain's records through its DNSProvider: resolve and
+//! admit the provider, plan ([`crate::dns::publish::plan`]), carry the plan
+//! out, and say what happened in a [`Publishing`] for the decision.
+//!
+//! Trust: the provider must admit the MailDomain's namespace (as a relay
+//! does), every name must lie inside the domain (it does by construction:
+//! the expected records are all under `spec.domain`) and inside one of the
+//! provider's zones, and nothing is written for a domain another
+//! MailDomain holds. The TSIG secret is read from the provider's own
+//! namespace, never from the MailDomain's.
+
+use std::net::SocketAddr;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+
+use super::super::Context;
+use crate::api::{
+    ConditionStatus, ConditionType, DNSProvider, MailDomain, PublishedRecord, Reason,
+};
+use crate::dns::RecordOutcome;
+use crate::dns::publish::{self, Blocked, Precondition, Step};
+use crate::dns::rfc2136::{Change, Prerequisite, Rfc2136Client, UpdateError};
+
+/// What publishing came to, for the decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Publishing {
+    /// No `spec.dns.providerRef`: the tenant publishes by hand.
+    Manual,
+    Provider {
+        /// `namespace/name` of the provider.
+        provider: String,
+        /// The records the operator wrote, as they stand now.
+        ledger: Vec<PublishedRecord>,
+        /// Why something was not (or could not be) written.
+        problem: Option<(Reason, String)>,
+        /// Records were written in this reconcile.
+        wrote: bool,
+    },
+}
+
+impl Publishing {
+    /// The ledger to record in status (the previous one without a provider:
+    /// what was written stays known, so it can be removed later).
+    pub fn ledger<'a>(&'a self, previous: &'a [PublishedRecord]) -> &'a [PublishedRecord] {
+        match self {
+            Self::Manual => previous,
+            Self::Provider { ledger, .. } => ledger,
+        }
+    }
+
+    /// The `DNSPublished` verdict, given the records' states after the
+    /// check; `None` without a provider.
+    pub fn condition(&self, all_verified: bool) -> Option<(ConditionStatus, Reason, String)> {
+        let Self::Provider {
+            provider, problem, ..
+        } = self
+        else {
+            return None;
+        };
+        Some(match problem {
+            Some((reason, message)) => (ConditionStatus::False, *reason, message.clone()),
+            None if all_verified => (
+                ConditionStatus::True,
+                Reason::Published,
+                format!("DNSProvider {provider} published the records and the resolver sees them"),
+            ),
+            None => (
+                ConditionStatus::False,
+                Reason::Publishing,
+                format!(
+                    "DNSProvider {provider} wrote the records; waiting for the resolver to see them (status.records)"
+                ),
+            ),
+        })
+    }
+}
+
+/// The provider's id, `namespace/name`, and where to find it.
+fn provider_ref(domain: &MailDomain, namespace: &str) -> Option<(String, String)> {
+    let r = domain.spec.dns.provider_ref.as_ref()?;
+    Some((
+        r.namespace.clone().unwrap_or_else(|| namespace.to_string()),
+        r.name.clone(),
+    ))
+}
+
+/// Publishes what `outcomes` say is missing, and removes what the ledger
+/// holds and nothing needs any more.
+pub async fn publish_records(
+    domain_in: &MailDomain,
+    namespace: &str,
+    outcomes: &[RecordOutcome],
+    ctx: &Context,
+) -> Publishing {
+    let Some((provider_namespace, provider_name)) = provider_ref(domain_in, namespace) else {
+        return Publishing::Manual;
+    };
+    // DNS writes rest on the API server's copy of the status (the ledger
+    // and the keys' states), not the index's, which can lag behind our own
+    // writes: a removal must never wait for the index to catch up.
+    let fresh = match Api::<MailDomain>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&domain_in.name_any())
+        .await
+    {
+        Ok(Some(fresh)) if fresh.metadata.uid == domain_in.metadata.uid => Some(fresh),
+        _ => None,
+    };
+    let newer = fresh.as_ref().filter(|f| {
+        f.status != domain_in.status && f.metadata.generation == domain_in.metadata.generation
+    });
+    let (domain, outcomes_owned);
+    match newer {
+        Some(newer) => {
+            domain = newer;
+            let keys = super::decide::known_keys(domain, super::decide::KeySecret::Absent);
+            let spf = outcomes.iter().find_map(|o| match &o.record.requirement {
+                crate::dns::Requirement::SpfAuthorizes(a) => Some(a.clone()),
+                _ => None,
+            });
+            let expected = crate::dns::expected_records(
+                &domain.spec.domain,
+                &domain.spec,
+                &keys,
+                spf.as_ref(),
+            );
+            // The verdicts found for the same records; a record the check
+            // did not cover is unknown (and so never written).
+            outcomes_owned = expected
+                .into_iter()
+                .map(|record| {
+                    let verdict = outcomes
+                        .iter()
+                        .find(|o| {
+                            o.record.name == record.name
+                                && o.record.value == record.value
+                                && !record.is_removable()
+                        })
+                        .and_then(|o| o.verdict.clone());
+                    RecordOutcome { record, verdict }
+                })
+                .collect::<Vec<_>>();
+        }
+        None => {
+            domain = domain_in;
+            outcomes_owned = outcomes.to_vec();
+        }
+    }
+    let outcomes = outcomes_owned.as_slice();
+    let id = format!("{provider_namespace}/{provider_name}");
+    let previous = domain
+        .status
+        .as_ref()
+        .map(|s| s.published.clone())
+        .unwrap_or_default();
+    let refuse = |reason, message: String| Publishing::Provider {
+        provider: id.clone(),
+        ledger: previous.clone(),
+        problem: Some((reason, message)),
+        wrote: false,
+    };
+    if let Some(conflict) = domain.status.as_ref().and_then(|s| {
+        crate::api::Condition::find(&s.conditions, ConditionType::DomainConflict)
+            .filter(|c| c.status == ConditionStatus::True)
+    }) {
+        return refuse(
+            Reason::DomainConflict,
+            format!(
+                "nothing is published while another MailDomain holds the domain: {}",
+                conflict.message
+            ),
+        );
+    }
+    let api: Api<DNSProvider> = Api::namespaced(ctx.client.clone(), &provider_namespace);
+    let provider = match api.get_opt(&provider_name).await {
+        Ok(Some(provider)) => provider,
+        Ok(None) => {
+            return refuse(
+                Reason::ProviderNotFound,
+                format!("DNSProvider {id} does not exist: create it, or fix spec.dns.providerRef"),
+            );
+        }
+        Err(error) => {
+            return refuse(
+                Reason::PublishFailed,
+                format!("reading DNSProvider {id}: {error}"),
+            );
+        }
+    };
+    let labels = ctx.index().namespace_labels(namespace);
+    if let Err(why) =
+        provider
+            .spec
+            .allowed_namespaces
+            .admits(&provider_namespace, namespace, &labels)
+    {
+        let why = why.replace("the relay", "the provider");
+        return refuse(
+            Reason::ProviderNotAllowed,
+            format!("DNSProvider {id} does not admit this MailDomain: {why}"),
+        );
+    }
+
+    let mut plan = publish::plan(
+        outcomes,
+        &previous,
+        &provider.spec,
+        &id,
+        domain.spec.dns.manage_spf,
+    );
+    adopt_our_dkim_records(&mut plan.kept, outcomes, &provider.spec, &id);
+    let mut ledger = plan.kept.clone();
+    let mut problem = blocked_problem(&plan.blocked, &provider.spec);
+    let mut wrote = false;
+    if !plan.steps.is_empty() {
+        match client_for(&provider, ctx).await {
+            Err(error) => problem = Some(error),
+            Ok(client) => {
+                for step in &plan.steps {
+                    match carry_out(&client, step, provider.spec.ttl).await {
+                        Ok(entry) => {
+                            wrote = true;
+                            match (step, entry) {
+                                (Step::Remove(_), _) => {}
+                                (_, Some(mut entry)) => {
+                                    entry.provider = id.clone();
+                                    ledger.push(entry);
+                                }
+                                (_, None) => {}
+                            }
+                        }
+                        Err(error) => {
+                            if let Step::Remove(entry) = step {
+                                ledger.push(entry.clone());
+                            }
+                            problem.get_or_insert_with(|| update_problem(&error, step));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ledger.sort_by(|a, b| (&a.name, &a.value).cmp(&(&b.name, &b.value)));
+    ledger.dedup();
+    Publishing::Provider {
+        provider: id,
+        ledger,
+        problem,
+        wrote,
+    }
+}
+
+/// Removes every record the ledger holds (the MailDomain is being deleted).
+/// Records written through a provider that is gone or no longer admits the
+/// namespace stay: there is no way left to remove them, and the tenant is
+/// told in an event.
+pub async fn remove_all(domain: &MailDomain, namespace: &str, ctx: &Context) -> Result<(), String> {
+    let previous = domain
+        .status
+        .as_ref()
+        .map(|s| s.published.clone())
+        .unwrap_or_default();
+    if previous.is_empty() {
+        return Ok(());
+    }
+    let Some((provider_namespace, provider_name)) = provider_ref(domain, namespace) else {
+        return Err("spec.dns.providerRef was removed; the records it wrote stay".into());
+    };
+    let id = format!("{provider_namespace}/{provider_name}");
+    let api: Api<DNSProvider> = Api::namespaced(ctx.client.clone(), &provider_namespace);
+    let provider = match api.get_opt(&provider_name).await {
+        Ok(Some(provider)) => provider,
+        Ok(None) => {
+            return Err(format!(
+                "DNSProvider {id} is gone; the records it wrote stay"
+            ));
+        }
+        Err(error) => return Err(format!("reading DNSProvider {id}: {error}")),
+    };
+    let client = client_for(&provider, ctx).await.map_err(|(_, why)| why)?;
+    for entry in previous.iter().filter(|e| e.provider == id) {
+        carry_out(&client, &Step::Remove(entry.clone()), provider.spec.ttl)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A DKIM record that carries this domain's own public key was written by
+/// the operator (nobody else holds the key), even if a crash came between
+/// writing it and recording it: it joins the ledger, so it is removed once
+/// its key retires. DMARC and SPF records are never adopted: a tenant may
+/// have typed the same text by hand, and those stay the tenant's.
+fn adopt_our_dkim_records(
+    ledger: &mut Vec<PublishedRecord>,
+    outcomes: &[RecordOutcome],
+    provider: &crate::api::DNSProviderSpec,
+    id: &str,
+) {
+    for outcome in outcomes {
+        let record = &outcome.record;
+        let verified = outcome.verdict.as_ref().is_some_and(|v| v.is_verified());
+        if record.purpose != crate::api::RecordPurpose::Dkim
+            || !verified
+            || ledger
+                .iter()
+                .any(|e| e.name == record.name && e.value == record.value)
+        {
+            continue;
+        }
+        if let Some(zone) = provider.zone_of(&record.name) {
+            ledger.push(PublishedRecord {
+                name: record.name.clone(),
+                type_: "TXT".into(),
+                value: record.value.clone(),
+                zone: zone.to_string(),
+                provider: id.to_string(),
+            });
+        }
+    }
+}
+
+fn blocked_problem(
+    blocked: &[Blocked],
+    provider: &crate::api::DNSProviderSpec,
+) -> Option<(Reason, String)> {
+    let first = blocked.first()?;
+    Some(match first {
+        Blocked::OutsideZones { name } => (
+            Reason::ZoneNotGranted,
+            format!(
+                "{name} is in none of the provider's zones ({}); nothing was written there: ask for a provider that holds the zone",
+                provider.zones.join(", ")
+            ),
+        ),
+        Blocked::Foreign {
+            name,
+            purpose,
+            found,
+            merged: Some(merged),
+        } => (
+            Reason::ForeignRecord,
+            format!(
+                "{name} has an {purpose} record the operator did not write and that does not authorize the relay: \"{found}\". Publish this one record instead: \"{merged}\" (or set spec.dns.manageSPF to let the operator replace it)"
+            ),
+        ),
+        Blocked::Foreign {
+            name,
+            purpose,
+            found,
+            merged: None,
+        } => (
+            Reason::ForeignRecord,
+            format!(
+                "{name} has a record the operator did not write in the way of the {purpose} record: \"{found}\"; the operator never changes it: fix or remove it"
+            ),
+        ),
+    })
+}
+
+fn update_problem(error: &UpdateError, step: &Step) -> (Reason, String) {
+    let reason = match error {
+        UpdateError::BadTsig { .. } => Reason::BadTsig,
+        UpdateError::ZoneNotServed { .. } => Reason::ZoneNotServed,
+        UpdateError::Refused { .. } => Reason::UpdateRefused,
+        UpdateError::PreconditionFailed { .. } => Reason::ForeignRecord,
+        UpdateError::Unreachable { .. } | UpdateError::Failed { .. } | UpdateError::Invalid(_) => {
+            Reason::PublishFailed
+        }
+    };
+    let name = match step {
+        Step::Add { record, .. } | Step::Replace { record, .. } => record.name.as_str(),
+        Step::Remove(entry) => entry.name.as_str(),
+    };
+    (reason, format!("writing {name}: {error}"))
+}
+
+/// The RFC 2136 client of a provider, with its TSIG secret read from the
+/// provider's namespace.
+async fn client_for(
+    provider: &DNSProvider,
+    ctx: &Context,
+) -> Result<Rfc2136Client, (Reason, String)> {
+    let Some(rfc2136) = &provider.spec.rfc2136 else {
+        return Err((
+            Reason::PublishFailed,
+            "externalDNS providers are not supported by this operator version yet".into(),
+        ));
+    };
+    let namespace = provider.namespace().unwrap_or_default();
+    let name = &rfc2136.tsig_secret_ref.name;
+    let bad = |why: String| {
+        (
+            Reason::BadTsig,
+            format!(
+                "the TSIG secret of DNSProvider {namespace}/{}: {why}",
+                provider.name_any()
+            ),
+        )
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| {
+            (
+                Reason::PublishFailed,
+                format!("reading Secret {namespace}/{name}: {e}"),
+            )
+        })?
+        .ok_or_else(|| bad(format!("Secret {name} does not exist")))?;
+    let encoded = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&rfc2136.tsig_secret_ref.key))
+        .ok_or_else(|| {
+            bad(format!(
+                "Secret {name} has no key {}",
+                rfc2136.tsig_secret_ref.key
+            ))
+        })?;
+    let text = String::from_utf8_lossy(&encoded.0);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| {
+            bad(format!(
+                "{}/{} is not base64",
+                name, rfc2136.tsig_secret_ref.key
+            ))
+        })?;
+    let server: SocketAddr = rfc2136.server.parse().map_err(|_| {
+        (
+            Reason::PublishFailed,
+            format!("{} is not an address and port", rfc2136.server),
+        )
+    })?;
+    Rfc2136Client::new(server, &rfc2136.tsig_key_name, rfc2136.tsig_algorithm, key)
+        .map_err(|e| (Reason::BadTsig, e.to_string()))
+}
+
+/// One step at the server. Returns the ledger entry of what was written.
+async fn carry_out(
+    client: &Rfc2136Client,
+    step: &Step,
+    ttl: u32,
+) -> Result<Option<PublishedRecord>, UpdateError> {
+    let entry = |zone: &str, record: &crate::dns::ExpectedRecord| PublishedRecord {
+        name: record.name.clone(),
+        type_: "TXT".into(),
+        value: record.value.clone(),
+        zone: zone.to_string(),
+        provider: String::new(),
+    };
+    match step {
+        Step::Add {
+            zone,
+            record,
+            precondition,
+        } => {
+            let current = client.txt(zone, &record.name).await?;
+            if current
+                .iter()
+                .any(|strings| strings.concat() == record.value)
+            {
+                // Already there (written before the resolver caught up).
+                return Ok(Some(entry(zone, record)));
+            }
+            let add = [Change::AddTxt {
+                name: &record.name,
+                strings: &record.strings,
+            }];
+            let prerequisite = match precondition {
+                Precondition::NoTxt => Prerequisite::NoTxt { name: &record.name },
+                Precondition::TxtUnchanged if current.is_empty() => {
+                    Prerequisite::NoTxt { name: &record.name }
+                }
+                Precondition::TxtUnchanged => {
+                    if current
+                        .iter()
+                        .any(|s| crate::dns::spf::spf_records(&[s.concat()]).len() == 1)
+                    {
+                        // An SPF record appeared since the check: never a second.
+                        return Err(UpdateError::PreconditionFailed {
+                            rcode: "an SPF record is already there".into(),
+                        });
+                    }
+                    Prerequisite::TxtIs {
+                        name: &record.name,
+                        records: &current,
+                    }
+                }
+            };
+            client.update(zone, &[prerequisite], &add, ttl).await?;
+            Ok(Some(entry(zone, record)))
+        }
+        Step::Replace { zone, old, record } => {
+            let current = client.txt(zone, &record.name).await?;
+            let Some(old_strings) = current.iter().find(|s| s.concat() == *old) else {
+                return Err(UpdateError::PreconditionFailed {
+                    rcode: "the SPF record changed since it was read".into(),
+                });
+            };
+            client
+                .update(
+                    zone,
+                    &[Prerequisite::TxtIs {
+                        name: &record.name,
+                        records: &current,
+                    }],
+                    &[
+                        Change::DeleteTxt {
+                            name: &record.name,
+                            strings: old_strings,
+                        },
+                        Change::AddTxt {
+                            name: &record.name,
+                            strings: &record.strings,
+                        },
+                    ],
+                    ttl,
+                )
+                .await?;
+            Ok(Some(entry(zone, record)))
+        }
+        Step::Remove(published) => {
+            // Exactly the value written, as it was split when written.
+            let strings = crate::dkim::split_txt(&published.value);
+            client
+                .update(
+                    &published.zone,
+                    &[],
+                    &[Change::DeleteTxt {
+                        name: &published.name,
+                        strings: &strings,
+                    }],
+                    ttl,
+                )
+                .await?;
+            Ok(None)
+        }
+    }
+}
