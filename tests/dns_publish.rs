@@ -5,6 +5,7 @@
 
 mod support;
 
+use jiff::SignedDuration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -15,6 +16,7 @@ use mailauth_operator::dkim::dkim_txt_value;
 use support::cluster::cluster;
 use support::dns::{Knot, TSIG_KEY_NAME, Zone};
 use support::operator::{Operator, is, wait_deleted, wait_for};
+use support::wait::eventually;
 
 /// Served by knot, granted to the provider.
 const ZONE: &str = "pub.test";
@@ -174,9 +176,7 @@ async fn a_domain_with_a_provider_onboards_rotates_and_leaves_with_no_manual_dns
 
     // A rotation by annotation completes by itself: the new key is
     // published, verified and signing; the old one stays published for the
-    // overlap. (Its removal once Retired is not asserted here: in about one
-    // run in three the reconciles after retirement still see the key
-    // Retiring; see the note on issue #10.)
+    // overlap, then retires and its record leaves knot.
     domains
         .patch(
             "acme",
@@ -201,6 +201,30 @@ async fn a_domain_with_a_provider_onboards_rotates_and_leaves_with_no_manual_dns
         txt_values(&knot, &first_name),
         vec![first_value.clone()],
         "still published for the overlap"
+    );
+
+    operator.advance(SignedDuration::from_hours(49));
+    wait_for(&domains, "acme", "the old key Retired", |md| {
+        md.status
+            .as_ref()
+            .and_then(|s| s.dkim.as_ref())
+            .is_some_and(|d| d.keys.iter().any(|k| k.state == KeyState::Retired))
+    })
+    .await;
+    // Awaited without blocking: the operator runs on this test's runtime.
+    eventually("the retired key's record to leave knot")
+        .within(std::time::Duration::from_secs(60))
+        .until_async(|| async {
+            match txt_values(&knot, &first_name) {
+                found if found.is_empty() => Ok(()),
+                found => Err(found),
+            }
+        })
+        .await;
+    assert_eq!(
+        txt_values(&knot, &second_name).len(),
+        1,
+        "the Active key's record stays"
     );
 
     // Deleting the MailDomain removes exactly what the operator wrote.

@@ -90,65 +90,14 @@ fn provider_ref(domain: &MailDomain, namespace: &str) -> Option<(String, String)
 /// Publishes what `outcomes` say is missing, and removes what the ledger
 /// holds and nothing needs any more.
 pub async fn publish_records(
-    domain_in: &MailDomain,
+    domain: &MailDomain,
     namespace: &str,
     outcomes: &[RecordOutcome],
     ctx: &Context,
 ) -> Publishing {
-    let Some((provider_namespace, provider_name)) = provider_ref(domain_in, namespace) else {
+    let Some((provider_namespace, provider_name)) = provider_ref(domain, namespace) else {
         return Publishing::Manual;
     };
-    // DNS writes rest on the API server's copy of the status (the ledger
-    // and the keys' states), not the index's, which can lag behind our own
-    // writes: a removal must never wait for the index to catch up.
-    let fresh = match Api::<MailDomain>::namespaced(ctx.client.clone(), namespace)
-        .get_opt(&domain_in.name_any())
-        .await
-    {
-        Ok(Some(fresh)) if fresh.metadata.uid == domain_in.metadata.uid => Some(fresh),
-        _ => None,
-    };
-    let newer = fresh.as_ref().filter(|f| {
-        f.status != domain_in.status && f.metadata.generation == domain_in.metadata.generation
-    });
-    let (domain, outcomes_owned);
-    match newer {
-        Some(newer) => {
-            domain = newer;
-            let keys = super::decide::known_keys(domain, super::decide::KeySecret::Absent);
-            let spf = outcomes.iter().find_map(|o| match &o.record.requirement {
-                crate::dns::Requirement::SpfAuthorizes(a) => Some(a.clone()),
-                _ => None,
-            });
-            let expected = crate::dns::expected_records(
-                &domain.spec.domain,
-                &domain.spec,
-                &keys,
-                spf.as_ref(),
-            );
-            // The verdicts found for the same records; a record the check
-            // did not cover is unknown (and so never written).
-            outcomes_owned = expected
-                .into_iter()
-                .map(|record| {
-                    let verdict = outcomes
-                        .iter()
-                        .find(|o| {
-                            o.record.name == record.name
-                                && o.record.value == record.value
-                                && !record.is_removable()
-                        })
-                        .and_then(|o| o.verdict.clone());
-                    RecordOutcome { record, verdict }
-                })
-                .collect::<Vec<_>>();
-        }
-        None => {
-            domain = domain_in;
-            outcomes_owned = outcomes.to_vec();
-        }
-    }
-    let outcomes = outcomes_owned.as_slice();
     let id = format!("{provider_namespace}/{provider_name}");
     let previous = domain
         .status
@@ -203,14 +152,33 @@ pub async fn publish_records(
         );
     }
 
-    let mut plan = publish::plan(
-        outcomes,
-        &previous,
-        &provider.spec,
-        &id,
-        domain.spec.dns.manage_spf,
-    );
-    adopt_our_dkim_records(&mut plan.kept, outcomes, &provider.spec, &id);
+    let plan_for = |domain: &MailDomain, outcomes: &[RecordOutcome]| {
+        let previous = domain
+            .status
+            .as_ref()
+            .map(|s| s.published.clone())
+            .unwrap_or_default();
+        let mut plan = publish::plan(
+            outcomes,
+            &previous,
+            &provider.spec,
+            &id,
+            domain.spec.dns.manage_spf,
+        );
+        adopt_our_dkim_records(&mut plan.kept, outcomes, &provider.spec, &id);
+        plan
+    };
+    let mut plan = plan_for(domain, outcomes);
+    // A plan that writes rests on the API server's copy of the status (the
+    // ledger and the keys' states), not the index's, which can lag behind
+    // our own writes: a record just removed must not be put back from a
+    // status that still calls its key Retiring.
+    if !plan.steps.is_empty()
+        && let Some(fresh) = newer_copy(domain, namespace, ctx).await
+    {
+        let outcomes = outcomes_of(&fresh, outcomes);
+        plan = plan_for(&fresh, &outcomes);
+    }
     let mut ledger = plan.kept.clone();
     let mut problem = blocked_problem(&plan.blocked, &provider.spec);
     let mut wrote = false;
@@ -250,6 +218,44 @@ pub async fn publish_records(
         problem,
         wrote,
     }
+}
+
+/// The API server's copy of the MailDomain, when its status differs from
+/// `domain`'s at the same generation.
+async fn newer_copy(domain: &MailDomain, namespace: &str, ctx: &Context) -> Option<MailDomain> {
+    let fresh = Api::<MailDomain>::namespaced(ctx.client.clone(), namespace)
+        .get_opt(&domain.name_any())
+        .await
+        .ok()??;
+    (fresh.metadata.uid == domain.metadata.uid
+        && fresh.metadata.generation == domain.metadata.generation
+        && fresh.status != domain.status)
+        .then_some(fresh)
+}
+
+/// The records `domain` needs by its own status, with the verdicts the
+/// check found for the same records; one the check did not cover (or that
+/// is only removable now) has no verdict, and so is never written.
+fn outcomes_of(domain: &MailDomain, checked: &[RecordOutcome]) -> Vec<RecordOutcome> {
+    let keys = super::decide::known_keys(domain, super::decide::KeySecret::Absent);
+    let spf = checked.iter().find_map(|o| match &o.record.requirement {
+        crate::dns::Requirement::SpfAuthorizes(a) => Some(a.clone()),
+        _ => None,
+    });
+    crate::dns::expected_records(&domain.spec.domain, &domain.spec, &keys, spf.as_ref())
+        .into_iter()
+        .map(|record| {
+            let verdict = checked
+                .iter()
+                .find(|o| {
+                    o.record.name == record.name
+                        && o.record.value == record.value
+                        && !record.is_removable()
+                })
+                .and_then(|o| o.verdict.clone());
+            RecordOutcome { record, verdict }
+        })
+        .collect()
 }
 
 /// Removes every record the ledger holds (the MailDomain is being deleted).

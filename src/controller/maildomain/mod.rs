@@ -400,83 +400,7 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     for note in &decision.events {
         publish(ctx, domain, note).await;
     }
-    // Publishing acted on the records as they were before this decision: a
-    // decision that changed them (a new key, a retired one) is published
-    // now, against the status just written, not at the next periodic
-    // reconcile (the one our own write sets off may still see the old
-    // status in the index).
-    if !matches!(publishing, dns_publish::Publishing::Manual)
-        && records_changed(domain, &decision.status)
-    {
-        republish(
-            domain,
-            &namespace,
-            &decision.status,
-            &reads,
-            &around,
-            now,
-            ctx,
-        )
-        .await?;
-    }
     Ok(finish(domain, &decision, now, ctx))
-}
-
-/// Publishes for the status a decision just wrote, and records the ledger
-/// that came of it.
-async fn republish(
-    domain: &MailDomain,
-    namespace: &str,
-    written: &crate::api::MailDomainStatus,
-    reads: &Reads,
-    around: &Around,
-    now: Timestamp,
-    ctx: &Context,
-) -> Result<(), Error> {
-    let mut after = domain.clone();
-    after.status = Some(written.clone());
-    let expected = decide::records_to_check(&after, reads.key_secret(&after), &around.relay_view());
-    let outcomes = dns_outcomes(&after, &expected, &written.records, now, ctx).await;
-    let again = dns_publish::publish_records(&after, namespace, &outcomes, ctx).await;
-    if let dns_publish::Publishing::Provider {
-        ledger,
-        wrote: true,
-        ..
-    } = &again
-    {
-        ctx.dns_memo.forget(&ObjectRef::from_obj(domain));
-        let mut status = written.clone();
-        status.published = ledger.clone();
-        let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), namespace);
-        write_if_changed(
-            &api,
-            &after,
-            Some(written),
-            &status,
-            &ctx.metrics.status_writes,
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-/// Whether the records a decision lists differ from the status's (a record
-/// added, removed or become removable).
-fn records_changed(domain: &MailDomain, status: &crate::api::MailDomainStatus) -> bool {
-    let key = |r: &DnsRecordStatus| {
-        (
-            r.name.clone(),
-            r.value.clone(),
-            r.state == RecordState::Removable,
-        )
-    };
-    let before: Vec<_> = domain
-        .status
-        .iter()
-        .flat_map(|s| s.records.iter().map(key))
-        .collect();
-    let after: Vec<_> = status.records.iter().map(key).collect();
-    before != after
 }
 
 /// What every reconcile ends with: the metrics, and when to look again.
@@ -494,18 +418,6 @@ fn finish(
         .dns_memo
         .get(&ObjectRef::from_obj(domain))
         .map(|memo| memo.next_check);
-    // A record the operator wrote that nothing needs any more (a retired
-    // key's) is removed by the reconcile that sees it so: look again soon
-    // rather than at the next periodic check.
-    let status = &decision.status;
-    let removal_due = status.published.iter().any(|entry| {
-        !status.records.iter().any(|r| {
-            r.name == entry.name && r.value == entry.value && r.state != RecordState::Removable
-        })
-    });
-    if removal_due && domain.spec.dns.provider_ref.is_some() {
-        return Action::requeue(Duration::from_secs(2));
-    }
     let wake = [decision.wake_at, next_check].into_iter().flatten().min();
     match wake {
         Some(at) => Action::requeue(until(now, at)),
