@@ -13,6 +13,8 @@
 #   node.sh status                       exit 0 when the node is Ready
 #   node.sh import FILE.tar              import a docker-archive image
 #   node.sh ctr ARGS...                  ctr against this node's containerd
+#   node.sh expose PORT / unexpose PORT  pods reach 127.0.0.1:PORT as
+#                                        10.88.0.1:PORT (tcp and udp)
 #
 # The cluster is the one in ${CLUSTER_DIR:-<repo>/target/cluster}; the node's
 # state (certificates, configs, containerd and kubelet roots, logs, pids)
@@ -24,7 +26,11 @@
 # leave it): pods reach the host and each other only. The API server listens
 # on 127.0.0.1; the `kubernetes` Service address 10.0.0.1:443 that pods use
 # is DNAT-ed to it (route_localnet on the bridge). There is no kube-proxy:
-# other ClusterIPs do not route, reach pods by their IPs.
+# other ClusterIPs do not route, reach pods by their IPs. `node.sh expose
+# PORT` lets pods reach a test's server on 127.0.0.1:PORT as 10.88.0.1:PORT.
+# containerd, its shims and the kubelet run in a cgroup of their own whose
+# traffic may only go to loopback and the bridge: an image that is not
+# imported fails to pull at once, no request leaves this machine.
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -37,6 +43,8 @@ pod_cidr=10.88.0.0/16
 gateway=10.88.0.1
 service_ip=10.0.0.1
 chain=MAILAUTH-NODE
+egress_chain=MAILAUTH-NODE-EGRESS
+cgroup_name=mailauth-node
 pause_image=mailauth.local/pause:1
 sock="$dir/containerd/containerd.sock"
 
@@ -71,6 +79,23 @@ start() { # start <name> <command...>: in the background, log and pid in $dir
   shift
   setsid "$@" >>"$dir/$name.log" 2>&1 </dev/null 9>&- &
   echo $! > "$dir/$name.pid"
+}
+
+# The cgroup v2 directory whose processes' traffic network_up confines
+# (the unified hierarchy of a hybrid cgroup v1 machine, or the root of v2).
+egress_cgroup() {
+  local root
+  root="$(findmnt -n -t cgroup2 -o TARGET | head -n1)"
+  [[ -n "$root" ]] || die "no cgroup2 hierarchy is mounted (needed to confine containerd's traffic)"
+  echo "$root/$cgroup_name"
+}
+
+start_confined() { # start_confined <name> <command...>: start, in the egress cgroup
+  local name="$1" cg
+  shift
+  cg="$(egress_cgroup)"
+  mkdir -p "$cg"
+  start "$name" bash -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@"
 }
 
 stop_process() { # stop_process <name>
@@ -282,6 +307,38 @@ network_up() {
   iptables -N "$chain" 2>/dev/null || iptables -F "$chain"
   iptables -A "$chain" -i "$bridge" ! -o "$bridge" -j DROP
   iptables -C FORWARD -j "$chain" 2>/dev/null || iptables -I FORWARD -j "$chain"
+  # containerd (image pulls), its shims and the kubelet: loopback and the
+  # bridge only. REJECT, so a pull of a missing image fails at once.
+  local cg
+  cg="$(egress_cgroup)"
+  mkdir -p "$cg"
+  iptables -N "$egress_chain" 2>/dev/null || iptables -F "$egress_chain"
+  iptables -A "$egress_chain" -o lo -j RETURN
+  iptables -A "$egress_chain" -o "$bridge" -j RETURN
+  iptables -A "$egress_chain" -j REJECT
+  iptables -C OUTPUT -m cgroup --path "$cgroup_name" -j "$egress_chain" 2>/dev/null ||
+    iptables -I OUTPUT -m cgroup --path "$cgroup_name" -j "$egress_chain"
+}
+
+# What the node adds to the machine's netfilter: an address the pods use
+# for a server a test runs on 127.0.0.1 (tcp and udp).
+expose() { # expose <port>
+  local port="$1" proto
+  [[ "$port" =~ ^[0-9]+$ ]] || die "usage: $0 expose PORT"
+  for proto in tcp udp; do
+    iptables -t nat -C "$chain" -i "$bridge" -d "$gateway/32" -p "$proto" --dport "$port" \
+      -j DNAT --to-destination "127.0.0.1:$port" 2>/dev/null ||
+      iptables -t nat -A "$chain" -i "$bridge" -d "$gateway/32" -p "$proto" --dport "$port" \
+        -j DNAT --to-destination "127.0.0.1:$port"
+  done
+}
+
+unexpose() { # unexpose <port>
+  local port="$1" proto
+  for proto in tcp udp; do
+    iptables -t nat -D "$chain" -i "$bridge" -d "$gateway/32" -p "$proto" --dport "$port" \
+      -j DNAT --to-destination "127.0.0.1:$port" 2>/dev/null || true
+  done
 }
 
 network_down() {
@@ -291,7 +348,23 @@ network_down() {
   iptables -D FORWARD -j "$chain" 2>/dev/null || true
   iptables -F "$chain" 2>/dev/null || true
   iptables -X "$chain" 2>/dev/null || true
+  iptables -D OUTPUT -m cgroup --path "$cgroup_name" -j "$egress_chain" 2>/dev/null || true
+  iptables -F "$egress_chain" 2>/dev/null || true
+  iptables -X "$egress_chain" 2>/dev/null || true
+  # The chains the kubelet makes (KUBE-FIREWALL, KUBE-KUBELET-CANARY); no
+  # other kubelet runs on this machine.
+  local table rule kube_chain
+  for table in filter nat mangle; do
+    while read -r rule; do
+      eval "iptables -t $table ${rule/-A /-D }" 2>/dev/null || true
+    done < <(iptables -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j KUBE-(FIREWALL|KUBELET-CANARY)$' || true)
+    for kube_chain in KUBE-FIREWALL KUBE-KUBELET-CANARY; do
+      iptables -t "$table" -F "$kube_chain" 2>/dev/null || true
+      iptables -t "$table" -X "$kube_chain" 2>/dev/null || true
+    done
+  done
   ip link del "$bridge" 2>/dev/null || true
+  rmdir "$(egress_cgroup)" 2>/dev/null || true
 }
 
 up() {
@@ -321,7 +394,7 @@ up() {
   write_configs "$kubelet_port" "$healthz_port"
   network_up
 
-  start containerd containerd --config "$dir/containerd/config.toml"
+  start_confined containerd containerd --config "$dir/containerd/config.toml"
   wait_for 60 containerd ctr --address "$sock" version
   ctr_ images import "$(pause_tarball)" >/dev/null || die "importing the pause image"
 
@@ -343,7 +416,7 @@ up() {
     --authorization-kubeconfig "$dir/kube-scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$sched_port" \
     --leader-elect=false
-  start kubelet "$bin/kubelet" \
+  start_confined kubelet "$bin/kubelet" \
     --config "$dir/kubelet/config.yaml" \
     --kubeconfig "$dir/kubelet.kubeconfig" \
     --root-dir "$dir/kubelet/root" \
@@ -389,8 +462,7 @@ for ns in (spec.get("linux") or {}).get("namespaces") or []:
     done
   fi
   stop_process containerd
-  # Shims left behind (containerd killed, or a crashed run).
-  pkill_shims
+  kill_leftovers
   local ns
   for ns in "${netns[@]}"; do
     umount "$ns" 2>/dev/null || true
@@ -409,16 +481,18 @@ for ns in (spec.get("linux") or {}).get("namespaces") or []:
   rm -rf "$dir/containerd" "$dir/kubelet" "$dir/cni" "$dir/pki" "$dir/pause" "$dir"/*.kubeconfig "$dir/ports"
 }
 
-# containerd-shim-runc-v2 processes of this node's containerd only: they
-# carry its address on their command line.
-pkill_shims() {
-  local pid
-  # The kernel's process name is cut to 15 characters: containerd-shim.
-  for pid in $(pgrep -x containerd-shim || true); do
-    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-address $sock "; then
-      kill -9 "$pid" 2>/dev/null || true
-    fi
+# Whatever is left in the node's cgroup: containerd's shims (they outlive
+# containerd), or anything a crashed run left behind. Nothing else is in it.
+kill_leftovers() {
+  local cg pid
+  cg="$(egress_cgroup)"
+  [[ -f "$cg/cgroup.procs" ]] || return 0
+  for _ in $(seq 50); do
+    [[ -s "$cg/cgroup.procs" ]] || return 0
+    while read -r pid; do kill -9 "$pid" 2>/dev/null || true; done < "$cg/cgroup.procs"
+    sleep 0.1
   done
+  log "processes left in $cg: $(tr '\n' ' ' < "$cg/cgroup.procs")"
 }
 
 case "${1:-}" in
@@ -438,5 +512,7 @@ case "${1:-}" in
     [[ -f "${2:-}" ]] || die "usage: $0 import FILE.tar"
     ctr_ images import "$2" ;;
   ctr) trap - ERR; shift; ctr_ "$@" ;;
-  *) echo "usage: $0 up|down|status|import FILE.tar|ctr ARGS..." >&2; exit 2 ;;
+  expose) expose "${2:-}" ;;
+  unexpose) unexpose "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|import FILE.tar|ctr ARGS...|expose PORT|unexpose PORT" >&2; exit 2 ;;
 esac
