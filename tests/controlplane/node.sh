@@ -47,6 +47,10 @@ egress_chain=MAILAUTH-NODE-EGRESS
 cgroup_name=mailauth-node
 pause_image=mailauth.local/pause:1
 sock="$dir/containerd/containerd.sock"
+# One node per machine (the bridge, the pod CIDR, the netfilter chains and
+# the cgroup are the machine's): this file names the state dir of the node
+# that owns them.
+owner_file=/run/mailauth-node.owner
 
 log() { echo "node: $*" >&2; }
 trap 'log "FAILED (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
@@ -138,6 +142,11 @@ preflight() {
     die "the control plane in $cluster was started without NODE=1 (no ServiceAccount admission, no Node authorizer): cluster.sh down, then NODE=1 cluster.sh up"
   if ip -o addr show | grep -v " $bridge " | grep -q ' inet 10\.88\.'; then
     die "$pod_cidr is in use on this machine"
+  fi
+  local owner
+  owner="$(cat "$owner_file" 2>/dev/null || true)"
+  if [[ -n "$owner" && "$owner" != "$dir" && -d "$owner" ]]; then
+    die "the node of $owner runs on this machine (one node per machine): CLUSTER_DIR=$(dirname "$owner") $0 down"
   fi
 }
 
@@ -379,6 +388,7 @@ up() {
   local started=$SECONDS bin
   bin="$("$here/build.sh" node)" || die "building kubelet, kube-controller-manager, kube-scheduler"
   teardown
+  echo "$dir" > "$owner_file"
   mkdir -p "$dir/pki"
 
   local kubelet_port healthz_port kcm_port sched_port
@@ -504,6 +514,7 @@ case "${1:-}" in
       flock 9
       teardown
       rm -rf "$dir"
+      if [[ "$(cat "$owner_file" 2>/dev/null)" == "$dir" ]]; then rm -f "$owner_file"; fi
     fi
     log "down" ;;
   status) trap - ERR; processes_alive && node_ready ;;

@@ -17,16 +17,17 @@
 #   tests/image/build.sh --import   also import it into the local node's
 #                                   containerd (tests/controlplane/node.sh)
 #
-# BIN (default target/release/mailauth-operator) and IMAGE (default
-# mailauth.local/mailauth-operator:<Cargo version>) override the inputs. The
-# image's name is printed on stdout.
+# BIN (default target/release/mailauth-operator), IMAGE (default
+# mailauth.local/mailauth-operator:<Cargo version>) and OUT (default
+# target/image, the directory of the tarball and its staging root) override
+# the defaults. The image's name is printed on stdout.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 bin="${BIN:-$repo/target/release/mailauth-operator}"
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -n1)"
 image="${IMAGE:-mailauth.local/mailauth-operator:$version}"
-out="$repo/target/image"
+out="${OUT:-$repo/target/image}"
 tarball="$out/mailauth-operator.tar"
 
 log() { echo "image: $*" >&2; }
