@@ -1,6 +1,7 @@
 //! On a real node (tests/controlplane/node.sh; see support::node): the chart's
 //! controller pods and a MailRelay's relay pods run the image built from
-//! this binary, as users run them, and a message goes through the relay pod.
+//! this binary, as users run them, a message goes through a relay pod, and
+//! a deleted relay pod is replaced by one that serves as well.
 //!
 //! Every test here brings the node up (as root) or fails saying why; none
 //! skips. The chart's operator watches every namespace, so only one test
@@ -15,7 +16,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use mailauth_operator::api::{ConditionStatus, ConditionType, KeyState, MailDomain, MailRelay};
 use mailauth_operator::dkim::dkim_txt_value;
 use support::dns::{Knot, Zone, txt_data};
@@ -89,6 +90,13 @@ async fn ready_pods(pods: &Api<Pod>, selector: &str, count: usize) -> Vec<Pod> {
             }
         })
         .await
+}
+
+fn message(n: u32) -> String {
+    format!(
+        "From: Alice <alice@{ZONE}>\r\nTo: Bob <bob@example.net>\r\nSubject: through a pod {n}\r\n\
+         Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMessage-ID: <pod-{n}@{ZONE}>\r\n\r\nHello from a pod, {n}.\r\n"
+    )
 }
 
 fn field(secret: &Secret, key: &str) -> String {
@@ -255,30 +263,75 @@ async fn the_chart_and_a_relay_run_as_pods_and_a_message_through_the_relay_pod_v
         .get("tenant-smtp")
         .await
         .expect("tenant credentials Secret");
-    let message = format!(
-        "From: Alice <alice@{ZONE}>\r\nTo: Bob <bob@example.net>\r\nSubject: through a pod\r\n\
-         Date: Thu, 26 Nov 2026 10:00:00 +0000\r\nMessage-ID: <pod-1@{ZONE}>\r\n\r\nHello from a pod.\r\n"
+    let (username, password) = (
+        field(&credentials, "username"),
+        field(&credentials, "password"),
     );
-    let (sent, transcript) = swaks_to(
-        ip,
-        587,
-        &format!("alice@{ZONE}"),
-        "bob@example.net",
-        (
-            &field(&credentials, "username"),
-            &field(&credentials, "password"),
-        ),
-        &message,
-    );
-    assert!(sent, "swaks to the relay pod failed:\n{transcript}");
-    let stored = sink.wait_for(1, Duration::from_secs(30));
-    let verdicts = dkimpy_verify(stored.last().expect("a stored message"), knot.port());
-    assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
-    assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
-    assert_eq!(
-        (verdicts[0].domain.as_str(), verdicts[0].selector.as_str()),
-        (ZONE, selector_name.as_str())
-    );
+    let send_and_verify = |ip: Ipv4Addr, n: u32| {
+        let (sent, transcript) = swaks_to(
+            ip,
+            587,
+            &format!("alice@{ZONE}"),
+            "bob@example.net",
+            (&username, &password),
+            &message(n),
+        );
+        assert!(sent, "swaks to the relay pod {ip} failed:\n{transcript}");
+        let stored = sink.wait_for(n as usize, Duration::from_secs(30));
+        let last = stored.last().expect("a stored message");
+        assert!(
+            String::from_utf8_lossy(last).contains(&format!("<pod-{n}@{ZONE}>")),
+            "message {n} is the last one stored"
+        );
+        let verdicts = dkimpy_verify(last, knot.port());
+        assert_eq!(verdicts.len(), 1, "one signature: {verdicts:?}");
+        assert!(verdicts[0].pass, "dkimpy must verify: {verdicts:?}");
+        assert_eq!(
+            (verdicts[0].domain.as_str(), verdicts[0].selector.as_str()),
+            (ZONE, selector_name.as_str())
+        );
+    };
+    send_and_verify(ip, 1);
+
+    // A deleted relay pod is replaced by the Deployment, and the new pod
+    // serves the domain as well.
+    let deleted = pods[0].name_any();
+    relay_pods
+        .delete(&deleted, &DeleteParams::default())
+        .await
+        .expect("deleting a relay pod");
+    let replacement = eventually(format!("a Ready pod to replace {deleted}"))
+        .within(POD_TIMEOUT)
+        .every(Duration::from_millis(250))
+        .until_async(|| async {
+            let list = relay_pods
+                .list(&ListParams::default().labels(relay_selector))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            let live: Vec<&Pod> = list
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .collect();
+            let new = live.iter().find(|p| {
+                p.name_any() != deleted && !pods.iter().any(|o| o.name_any() == p.name_any())
+            });
+            match new {
+                Some(pod) if live.len() == 2 && live.iter().all(|p| ready(p)) => Ok((*pod).clone()),
+                _ => Err(describe(&list)),
+            }
+        })
+        .await;
+    let ip = pod_ip(&replacement);
+    eventually("the replacement relay pod to serve the domain")
+        .within(POD_TIMEOUT)
+        .until(|| {
+            accept_if(
+                scrape_pod(ip, 9090).map(|m| m.value("mailauth_relay_config_domains", &[])),
+                |domains| domains.is_some_and(|d| d >= 1.0),
+            )
+        });
+    send_and_verify(ip, 2);
     assert!(names.contains(&holder), "{holder} holds the Lease");
     drop(release);
 }
