@@ -6,7 +6,7 @@ CARGO ?= cargo
 CLUSTER := tests/controlplane/cluster.sh
 export KUBECONFIG_LOCAL := $(CURDIR)/target/cluster/kubeconfig
 
-.PHONY: all build crds lint fmt test unit integration cluster-up cluster-down controlplane demo bench deps fresh-check clean
+.PHONY: all build crds lint fmt test unit integration cluster-up cluster-down controlplane image node-up node-down demo bench deps fresh-check clean
 
 all: build
 
@@ -37,6 +37,22 @@ cluster-up:
 
 cluster-down:
 	$(CLUSTER) down
+
+## image: the operator image, built without Docker from the release binary
+## (target/image/mailauth-operator.tar, a docker-archive; tests/image/build.sh)
+image: build
+	tests/image/build.sh
+
+## node-up / node-down (as root): the control plane with a real node
+## (containerd, kubelet, controller-manager, scheduler: tests/controlplane/node.sh),
+## the image imported into it. node-down stops the node, cluster-down the rest.
+node-up: build
+	NODE=1 $(CLUSTER) up
+	tests/controlplane/node.sh up
+	tests/image/build.sh --import
+
+node-down:
+	tests/controlplane/node.sh down
 
 ## test: lint, unit and integration tests against the real control plane and peers
 # Benchmarks are compiled by clippy --all-targets but never run here: they

@@ -208,7 +208,11 @@ async fn render(
             &Patch::Apply(&relay_objects::role_binding(relay)),
         )
         .await?;
-    let deployment = relay_objects::deployment(relay, &ctx.settings.relay_image);
+    let deployment = relay_objects::deployment(
+        relay,
+        &ctx.settings.relay_image,
+        ctx.settings.relay_image_pull_policy.as_deref(),
+    );
     Api::<Deployment>::namespaced(ctx.client.clone(), namespace)
         .patch(&name, &apply, &Patch::Apply(&deployment))
         .await?;

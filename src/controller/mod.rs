@@ -108,6 +108,16 @@ pub struct ControllerArgs {
     )]
     pub relay_image: String,
 
+    /// The pull policy of that default relay image (Always, IfNotPresent or
+    /// Never; default: the cluster's). `Never` for an image imported into
+    /// the nodes, never pulled from a registry.
+    #[arg(
+        long,
+        env = "RELAY_IMAGE_PULL_POLICY",
+        value_parser = ["Always", "IfNotPresent", "Never"]
+    )]
+    pub relay_image_pull_policy: Option<String>,
+
     /// This replica's identity in the Lease (in a pod: its name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -129,6 +139,7 @@ impl Default for ControllerArgs {
             lease_namespace: "default".into(),
             identity: None,
             relay_image: "ghcr.io/mailauth/mailauth-operator:0.1.0".into(),
+            relay_image_pull_policy: None,
         }
     }
 }

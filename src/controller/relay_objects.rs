@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
     Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    Sysctl, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -27,6 +27,9 @@ use crate::relay::config::{
 
 /// Port of the relay's admin server (health and metrics).
 pub const RELAY_ADMIN_PORT: i32 = 9090;
+/// The pod-network sysctl below which binding a port needs
+/// `CAP_NET_BIND_SERVICE` (1024 unless the runtime lowers it).
+const UNPRIVILEGED_PORT_SYSCTL: &str = "net.ipv4.ip_unprivileged_port_start";
 const TLS_DIR: &str = "/etc/mailauth/tls";
 
 /// Name of everything rendered for a relay.
@@ -181,8 +184,14 @@ pub fn role_binding(relay: &MailRelay) -> RoleBinding {
 }
 
 /// The relay Deployment: restricted pod security, config and TLS mounted
-/// read-only, probes on the admin port.
-pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
+/// read-only, probes on the admin port. `default_image` (pulled with
+/// `default_pull_policy`, or the cluster's default policy) runs unless the
+/// MailRelay names its own image.
+pub fn deployment(
+    relay: &MailRelay,
+    default_image: &str,
+    default_pull_policy: Option<&str>,
+) -> Deployment {
     let spec = &relay.spec;
     let port = i32::from(spec.listener.port);
     let mut args = vec![
@@ -255,6 +264,7 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
                             type_: "RuntimeDefault".into(),
                             ..SeccompProfile::default()
                         }),
+                        sysctls: listener_sysctls(port),
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![Container {
@@ -264,6 +274,12 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
                                 .clone()
                                 .unwrap_or_else(|| default_image.to_string()),
                         ),
+                        image_pull_policy: spec
+                            .image
+                            .is_none()
+                            .then_some(default_pull_policy)
+                            .flatten()
+                            .map(str::to_string),
                         args: Some(args),
                         env: Some(vec![EnvVar {
                             name: "POD_NAMESPACE".into(),
@@ -312,6 +328,23 @@ pub fn deployment(relay: &MailRelay, default_image: &str) -> Deployment {
         }),
         ..Deployment::default()
     }
+}
+
+/// A listener port below 1024 (587 by default) cannot be bound by a non-root
+/// process with every capability dropped on runtimes that leave
+/// `net.ipv4.ip_unprivileged_port_start` at 1024 (containerd 1.6 does), and
+/// adding `NET_BIND_SERVICE` does not help a non-root process (runtimes set
+/// no ambient capabilities). The pod instead lowers that sysctl, in its own
+/// network namespace only, to exactly the listener port: a "safe" sysctl the
+/// kubelet allows by default and the restricted Pod Security Standard
+/// permits. Newer runtimes lower it to 0 for every pod; this asks less.
+fn listener_sysctls(port: i32) -> Option<Vec<Sysctl>> {
+    (port < 1024).then(|| {
+        vec![Sysctl {
+            name: UNPRIVILEGED_PORT_SYSCTL.into(),
+            value: port.to_string(),
+        }]
+    })
 }
 
 /// The Service tenants submit to.
@@ -401,7 +434,7 @@ mod tests {
     fn deployment_reads_its_config_secrets_with_restricted_security() {
         let mut relay = relay();
         relay.spec.replicas = 3;
-        let deployment = deployment(&relay, "example/relay:1");
+        let deployment = deployment(&relay, "example/relay:1", None);
         let pod = deployment.spec.unwrap().template.spec.unwrap();
         let container = &pod.containers[0];
         let args = container.args.clone().unwrap();
@@ -413,6 +446,7 @@ mod tests {
             "{args:?}"
         );
         assert_eq!(container.image.as_deref(), Some("example/relay:1"));
+        assert_eq!(container.image_pull_policy, None, "the cluster's default");
         assert_eq!(pod.service_account_name.as_deref(), Some("shared-relay"));
         let env = container.env.clone().unwrap();
         assert_eq!(env[0].name, "POD_NAMESPACE");
@@ -424,5 +458,58 @@ mod tests {
             1,
             "only the TLS Secret is mounted"
         );
+    }
+
+    #[test]
+    fn a_privileged_listener_port_is_bindable_without_any_capability() {
+        let mut relay = relay();
+        let pod = |relay: &MailRelay| {
+            deployment(relay, "example/relay:1", None)
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+        };
+        let submission = pod(&relay);
+        let sysctls = submission.security_context.unwrap().sysctls.unwrap();
+        assert_eq!(sysctls.len(), 1);
+        assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+        assert_eq!(sysctls[0].value, "587", "lowered to the port, not to 0");
+        let capabilities = submission.containers[0]
+            .security_context
+            .clone()
+            .unwrap()
+            .capabilities
+            .unwrap();
+        assert_eq!(capabilities.drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(capabilities.add, None, "no capability is added back");
+
+        relay.spec.listener.port = 2525;
+        let unprivileged = pod(&relay);
+        assert_eq!(unprivileged.security_context.unwrap().sysctls, None);
+    }
+
+    #[test]
+    fn the_default_image_has_the_operators_pull_policy_a_named_one_the_clusters() {
+        let mut relay = relay();
+        let container = |relay: &MailRelay| {
+            deployment(relay, "local/operator:1", Some("Never"))
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers
+                .remove(0)
+        };
+        let default = container(&relay);
+        assert_eq!(default.image.as_deref(), Some("local/operator:1"));
+        assert_eq!(default.image_pull_policy.as_deref(), Some("Never"));
+
+        relay.spec.image = Some("registry.example/relay:2".into());
+        let named = container(&relay);
+        assert_eq!(named.image.as_deref(), Some("registry.example/relay:2"));
+        assert_eq!(named.image_pull_policy, None);
     }
 }

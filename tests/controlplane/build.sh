@@ -4,13 +4,23 @@
 #   ${MAILAUTH_CACHE:-$HOME/.cache/mailauth-operator}/controlplane/<versions>/bin
 # A finished build is reused; the first one takes many minutes.
 # Prints the bin directory on stdout.
+#
+#   build.sh node  builds kubelet, kube-controller-manager and kube-scheduler
+#                  (for node.sh) from the same wrapper module, into their own
+#                  cache directory .../controlplane/node-kube-<version>/bin, so
+#                  the control plane's cache above stays as it is.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=versions.env
 source "$here/versions.env"
 
 cache_root="${MAILAUTH_CACHE:-$HOME/.cache/mailauth-operator}"
-bin="$cache_root/controlplane/kube-$KUBE_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION/bin"
+what="${1:-controlplane}"
+case "$what" in
+  controlplane) bin="$cache_root/controlplane/kube-$KUBE_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION/bin" ;;
+  node) bin="$cache_root/controlplane/node-kube-$KUBE_VERSION/bin" ;;
+  *) echo "usage: $0 [node]" >&2; exit 2 ;;
+esac
 if [[ -x "$bin/.complete" ]]; then
   echo "$bin"
   exit 0
@@ -27,6 +37,15 @@ build() { # build <module dir> <output name> <package> [ldflags]
 }
 
 kube_ldflags="-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
+
+if [[ "$what" == node ]]; then
+  build kube kubelet ./cmd/kubelet "$kube_ldflags"
+  build kube kube-controller-manager ./cmd/kube-controller-manager "$kube_ldflags"
+  build kube kube-scheduler ./cmd/kube-scheduler "$kube_ldflags"
+  printf '#!/bin/sh\n' > "$bin/.complete" && chmod +x "$bin/.complete"
+  echo "$bin"
+  exit 0
+fi
 
 build etcd etcd .
 build kube kube-apiserver ./cmd/kube-apiserver "$kube_ldflags"

@@ -9,6 +9,12 @@
 #
 # State lives in ${CLUSTER_DIR:-<repo>/target/cluster}: kubeconfig, certs,
 # logs, pids, and bin/ with the matching kubectl and helm.
+#
+# NODE=1 cluster.sh up starts the API server ready for a node (node.sh): the
+# Node authorizer and NodeRestriction, the ServiceAccount admission plugin,
+# and a client certificate for kubelet calls (logs, exec). The choice is
+# written to <state>/node-mode and kept by restart-apiserver. Without NODE=1
+# nothing changes.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -69,6 +75,12 @@ make_certs() {
       -extfile admin.ext -out admin.crt 2>/dev/null
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    if [[ "${NODE:-}" == 1 ]]; then
+      openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+        -keyout kubelet-client.key -out kubelet-client.csr 2>/dev/null
+      openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+        -extfile admin.ext -out kubelet-client.crt 2>/dev/null
+    fi
   )
 }
 
@@ -100,6 +112,18 @@ EOF
 
 start_apiserver() { # start_apiserver <bin dir> <etcd port> <api port>
   local bin="$1" etcd_port="$2" api_port="$3" pki="$dir/pki"
+  # Without a node (the default): RBAC only, and no ServiceAccount admission
+  # (no controller-manager makes the accounts it would require).
+  local mode=(--authorization-mode RBAC --disable-admission-plugins ServiceAccount)
+  if [[ -f "$dir/node-mode" ]]; then
+    mode=(
+      --authorization-mode Node,RBAC
+      --enable-admission-plugins NodeRestriction
+      --kubelet-client-certificate "$pki/kubelet-client.crt"
+      --kubelet-client-key "$pki/kubelet-client.key"
+      --kubelet-preferred-address-types InternalIP
+    )
+  fi
   setsid "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --cert-dir "$pki" \
@@ -110,11 +134,10 @@ start_apiserver() { # start_apiserver <bin dir> <etcd port> <api port>
     --bind-address 127.0.0.1 \
     --advertise-address 127.0.0.1 \
     --service-cluster-ip-range 10.0.0.0/24 \
-    --authorization-mode RBAC \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$pki/sa.pub" \
     --service-account-signing-key-file "$pki/sa.key" \
-    --disable-admission-plugins ServiceAccount \
+    "${mode[@]}" \
     --allow-privileged=true \
     --endpoint-reconciler-type=none \
     >>"$dir/kube-apiserver.log" 2>&1 </dev/null 9>&- &
@@ -156,12 +179,17 @@ up() {
   ln -sf "$bin/kubectl" "$dir/bin/kubectl"
   ln -sf "$bin/helm" "$dir/bin/helm"
   if running; then
+    if [[ "${NODE:-}" == 1 && ! -f "$dir/node-mode" ]]; then
+      log "running without NODE=1 ($kubeconfig): run cluster.sh down first"
+      return 1
+    fi
     log "already running ($kubeconfig)"
     return 0
   fi
   stop
-  rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig"
+  rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig" "$dir/node-mode"
   make_certs
+  if [[ "${NODE:-}" == 1 ]]; then echo node > "$dir/node-mode"; fi
 
   local etcd_port etcd_peer_port api_port
   etcd_port="$(free_port)"
@@ -194,7 +222,10 @@ up() {
 
 case "${1:-}" in
   up) up ;;
-  down) stop; rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig"; log "down" ;;
+  down)
+    # A node of this cluster (node.sh) goes first: its kubelet and pods.
+    if [[ -d "$dir/node" ]]; then CLUSTER_DIR="$dir" "$here/node.sh" down; fi
+    stop; rm -rf "$dir/etcd-data" "$dir/pki" "$kubeconfig" "$dir/node-mode"; log "down" ;;
   status) running ;;
   restart-apiserver) restart_apiserver ;;
   *) echo "usage: $0 up|down|status|restart-apiserver" >&2; exit 2 ;;

@@ -1,0 +1,3 @@
+module mailauth.dev/controlplane/pause
+
+go 1.26.0
