@@ -57,7 +57,10 @@ node-down:
 ## test: lint, unit and integration tests against the real control plane and peers
 # Benchmarks are compiled by clippy --all-targets but never run here: they
 # measure, they do not pass or fail (make bench).
+# The node's binaries (kubelet, controller-manager, scheduler) are built
+# here, cached by version, rather than inside tests/node.rs's first test.
 test: lint cluster-up
+	tests/controlplane/build.sh node >/dev/null
 	$(CARGO) test --locked --lib --bins --tests --no-fail-fast
 
 unit:
@@ -84,4 +87,5 @@ fresh-check:
 	.ci/fresh-check
 
 clean: cluster-down
+	CLUSTER_DIR=target/node-cluster $(CLUSTER) down
 	$(CARGO) clean
