@@ -632,6 +632,31 @@ async fn deletion_honours_the_deletion_policy() {
 }
 
 #[tokio::test]
+async fn a_public_suffix_is_reported_and_gets_no_key() {
+    let f = fixture("suffix").await;
+    f.create("suffix", serde_json::json!({"domain": "co.uk"}))
+        .await;
+    let md = wait_for(&f.domains, "suffix", "Ready=False NotOwnDomain", |md| {
+        md.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == ConditionType::Ready && c.reason == "NotOwnDomain")
+        })
+    })
+    .await;
+    let status = md.status.unwrap();
+    assert!(
+        status.dkim.is_none() && status.records.is_empty(),
+        "{status:?}"
+    );
+    assert!(
+        f.secrets.get_opt("suffix-dkim").await.unwrap().is_none(),
+        "no key is made for a public suffix"
+    );
+    f.finish().await;
+}
+
+#[tokio::test]
 async fn the_first_verified_maildomain_owns_a_domain() {
     let f = fixture("claim").await;
     f.create("first", serde_json::json!({"domain": ZONE, "dkim": {"algorithm": "Ed25519", "selectorPrefix": "one"}})).await;

@@ -84,6 +84,40 @@ pub async fn check_dmarc(dns: &impl DnsLookup, domain: &str) -> DmarcOutcome {
 }
 
 /// Looks up and assesses the DMARC record at `name` (a `_dmarc` name).
+/// The DMARC policy that applies to the domain of `name` (`_dmarc.<domain>`),
+/// found as receivers find it (RFC 7489 6.6.3): the domain's own record,
+/// or, when it has none, its organizational domain's (the registrable
+/// domain under the Public Suffix List). A tenant on `mail.globex.example`
+/// whose `globex.example` publishes DMARC is covered, not missing.
+pub async fn discover_dmarc(dns: &impl DnsLookup, name: &str) -> Verdict {
+    let own = check_dmarc_record(dns, name).await.verdict;
+    if !matches!(own, Verdict::Missing { .. }) {
+        return own;
+    }
+    let Some(domain) = name.strip_prefix("_dmarc.") else {
+        return own;
+    };
+    match organizational_domain(domain) {
+        Some(org) if org != domain => {
+            match check_dmarc_record(dns, &format!("_dmarc.{org}"))
+                .await
+                .verdict
+            {
+                Verdict::Verified => Verdict::Verified,
+                _ => own,
+            }
+        }
+        _ => own,
+    }
+}
+
+/// The registrable domain of `domain` under the Public Suffix List
+/// (`globex.example` for `mail.globex.example`); `None` for a public suffix
+/// itself.
+pub fn organizational_domain(domain: &str) -> Option<String> {
+    psl::domain_str(domain).map(str::to_string)
+}
+
 pub async fn check_dmarc_record(dns: &impl DnsLookup, name: &str) -> DmarcOutcome {
     let name = name.to_string();
     match dns.txt(&name).await {
@@ -270,8 +304,49 @@ fn alignment_name(alignment: Alignment) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::testing::FakeDns;
 
     const NAME: &str = "_dmarc.acme.test";
+
+    async fn discover(dns: &FakeDns, name: &str) -> Verdict {
+        discover_dmarc(dns, name).await
+    }
+
+    #[tokio::test]
+    async fn a_subdomain_without_dmarc_is_covered_by_its_organizational_domain() {
+        let dns = FakeDns::default().txt("_dmarc.globex.example", "v=DMARC1; p=reject");
+        assert_eq!(
+            discover(&dns, "_dmarc.mail.globex.example").await,
+            Verdict::Verified
+        );
+        assert_eq!(
+            discover(&dns, "_dmarc.globex.example").await,
+            Verdict::Verified
+        );
+        // Not across organizations, nor from a broken record.
+        assert!(matches!(
+            discover(&dns, "_dmarc.mail.acme.example").await,
+            Verdict::Missing { .. }
+        ));
+        let broken = FakeDns::default().txt("_dmarc.globex.example", "v=DMARC1; p=bogus");
+        assert!(matches!(
+            discover(&broken, "_dmarc.mail.globex.example").await,
+            Verdict::Missing { .. }
+        ));
+    }
+
+    #[test]
+    fn the_organizational_domain_follows_the_public_suffix_list() {
+        assert_eq!(
+            organizational_domain("mail.globex.example").as_deref(),
+            Some("globex.example")
+        );
+        assert_eq!(
+            organizational_domain("a.b.acme.co.uk").as_deref(),
+            Some("acme.co.uk")
+        );
+        assert_eq!(organizational_domain("co.uk"), None);
+    }
 
     fn assess(records: &[&str]) -> DmarcOutcome {
         let records: Vec<String> = records.iter().map(|r| r.to_string()).collect();

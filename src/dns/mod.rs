@@ -76,7 +76,7 @@ async fn check_record(dns: &impl DnsLookup, record: &ExpectedRecord) -> Option<V
                 },
             }
         }
-        Requirement::DmarcRecord => dmarc::check_dmarc_record(dns, &record.name).await.verdict,
+        Requirement::DmarcRecord => dmarc::discover_dmarc(dns, &record.name).await,
         Requirement::MailExchanger { exchange } => check_mx(dns, &record.name, exchange).await,
     };
     Some(verdict)

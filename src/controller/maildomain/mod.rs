@@ -295,6 +295,11 @@ impl Around {
 
 async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
+    // A public suffix (`com`, `co.uk`, ...) is nobody's own domain: no key
+    // is made for it and nothing is published.
+    if dns::dmarc::organizational_domain(&domain.spec.domain).is_none() {
+        return not_own_domain(domain, &namespace, ctx).await;
+    }
     let now = ctx.clock.now();
     let around = Around::of(domain, &namespace, ctx);
     let previous_records = domain
@@ -401,6 +406,41 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
         publish(ctx, domain, note).await;
     }
     Ok(finish(domain, &decision, now, ctx))
+}
+
+/// Says in `Ready` that the domain is a public suffix, and does nothing else.
+async fn not_own_domain(
+    domain: &MailDomain,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let mut status = domain.status.clone().unwrap_or_default();
+    Condition::upsert(
+        &mut status.conditions,
+        Condition::new(
+            ConditionType::Ready,
+            ConditionStatus::False,
+            Reason::NotOwnDomain,
+            format!(
+                "{} is a public suffix (Public Suffix List), not a domain a client can own: use the client's own domain, such as acme.{}",
+                domain.spec.domain, domain.spec.domain
+            ),
+            domain.meta().generation,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ctx.clock.now()),
+        ),
+    );
+    status.observed_generation = domain.meta().generation;
+    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), namespace);
+    write_if_changed(
+        &api,
+        domain,
+        domain.status.as_ref(),
+        &status,
+        &ctx.metrics.status_writes,
+    )
+    .await?;
+    ctx.metrics.reconciles.inc();
+    Ok(Action::await_change())
 }
 
 /// What every reconcile ends with: the metrics, and when to look again.
