@@ -139,6 +139,28 @@ fn lint_is_clean_with_defaults_and_with_every_option_on() {
 }
 
 #[test]
+fn install_without_an_image_fails_saying_how_to_get_one() {
+    let c = cluster();
+    let chart = repo_path(CHART);
+    let out = c.helm_as_given(&["template", "t", path_arg(&chart)]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "rendered without an image");
+    assert!(
+        stderr.contains("image.repository is required") && stderr.contains("make image"),
+        "{stderr}"
+    );
+    let out = c.helm_as_given(&[
+        "template",
+        "t",
+        path_arg(&chart),
+        "--set",
+        "image.repository=registry.example/mailauth-operator",
+    ]);
+    assert_success("helm template with an image", &out);
+    assert!(text(&out.stdout).contains("image: \"registry.example/mailauth-operator:"));
+}
+
+#[test]
 fn schema_refuses_unknown_and_malformed_values() {
     let c = cluster();
     let chart = repo_path(CHART);

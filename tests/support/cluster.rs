@@ -67,8 +67,27 @@ impl Cluster {
         )
     }
 
-    /// Runs the cluster's own helm with the admin kubeconfig.
+    /// Runs the cluster's own helm with the admin kubeconfig. The chart has
+    /// no default image (none is published), so `install`, `template`,
+    /// `upgrade` and `lint` name one (tests/fixtures/chart/image.yaml), as a
+    /// platform team must; [`Cluster::helm_as_given`] passes the arguments
+    /// as they are.
     pub fn helm(&self, args: &[&str]) -> Output {
+        let renders = matches!(
+            args.first(),
+            Some(&("install" | "template" | "upgrade" | "lint"))
+        );
+        let image = repo_root().join("tests/fixtures/chart/image.yaml");
+        let mut args = args.to_vec();
+        if renders {
+            // First, so a later `--values` or `--set` of the test wins.
+            args.splice(1..1, ["--values", image.to_str().expect("utf-8 path")]);
+        }
+        self.helm_as_given(&args)
+    }
+
+    /// Runs helm with exactly these arguments.
+    pub fn helm_as_given(&self, args: &[&str]) -> Output {
         Command::new(self.bin.join("helm"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)

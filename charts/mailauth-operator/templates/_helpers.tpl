@@ -48,7 +48,8 @@ app.kubernetes.io/part-of: mailauth-operator
 {{- end }}
 
 {{- define "mailauth-operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := required "image.repository is required: no mailauth-operator image is published; build it (make image, or docker build), push it to your registry, and set image.repository (and image.tag)" .Values.image.repository }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
 {{/* The image relays run unless a MailRelay names its own: by default the operator's. */}}
