@@ -31,6 +31,7 @@ work="$(mktemp -d /tmp/mailauth-bench.XXXXXX)"
 N="${BENCH_DOMAINS:-1000}"
 N_ED="${BENCH_ED25519_DOMAINS:-$N}"
 N_DNS="${BENCH_DNS_DOMAINS:-1000}"
+N_PUBLISH="${BENCH_PUBLISH_DOMAINS:-1000}"
 STEADY="${BENCH_STEADY_SECONDS:-60}"
 CREATE_CONCURRENCY="${BENCH_CREATE_CONCURRENCY:-32}"
 SKIP=",${BENCH_SKIP:-},"
@@ -122,6 +123,10 @@ start_knot() {
       printf '%s._domainkey.%s.bench TXT %s\n' "$SELECTOR" "$d" "$dkim_txt"
     done
   } >"$dir/zones/test.zone"
+  # The zone a DNSProvider publishes the publishing run's domains into.
+  printf '$ORIGIN publish.example.\n$TTL 300\n@ SOA ns.publish.example. hostmaster.publish.example. 1 3600 600 86400 300\n@ NS ns.publish.example.\nns A 127.0.0.1\n' \
+    >"$dir/zones/publish.example.zone"
+  publish_tsig="$(head -c 32 /dev/urandom | base64)"
   knot_port="$(free_port)"
   knot_sock="$dir/run/knot.sock"
   cat >"$dir/knot.conf" <<EOF
@@ -138,9 +143,18 @@ database:
   storage: $dir/db
 control:
   listen: $knot_sock
+key:
+  - id: bench-publish
+    algorithm: hmac-sha256
+    secret: $publish_tsig
+acl:
+  - id: bench-publish
+    key: bench-publish
+    action: update
 mod-stats:
   - id: bench
     request-protocol: on
+    server-operation: on
     response-code: on
     query-type: on
 template:
@@ -151,6 +165,8 @@ template:
     global-module: mod-stats/bench
 zone:
   - domain: test.
+  - domain: publish.example.
+    acl: bench-publish
 EOF
   knotd -c "$dir/knot.conf" >"$dir/knot.log" 2>&1 &
   knot_pid=$!
@@ -166,6 +182,11 @@ EOF
 knot_queries() {
   knotc -s "$knot_sock" stats mod-stats.request-protocol 2>/dev/null |
     awk -F'= ' '{ s += $2 } END { print s + 0 }'
+}
+
+# One knot counter from mod-stats (0 when absent): server-operation[update].
+knot_stat() { # knot_stat SECTION[ITEM]
+  knotc -s "$knot_sock" stats "mod-stats.$1" 2>/dev/null | awk -F'= ' '{ s += $2 } END { print s + 0 }'
 }
 
 # --- the control plane ---------------------------------------------------------
@@ -227,12 +248,27 @@ run_keygen() { # run_keygen LABEL ALGORITHM COUNT
   cat "$out/keygen-$1.txt" >&2
 }
 
-run_onboard() { # run_onboard LABEL ALGORITHM COUNT STEADY TIMEOUT
+run_onboard() { # run_onboard LABEL ALGORITHM COUNT STEADY TIMEOUT [onboard args...]
   local label="$1" algorithm="$2" count="$3" steady="$4" timeout="$5" ns
+  shift 5
+  local extra=("$@") suffix=onboard.test
   need_cluster
   ns="bench-$label-$(date +%s)-$RANDOM"
   k create namespace "$ns" >/dev/null
   namespaces+=("$ns")
+  if [[ "$label" == publish ]]; then
+    # A DNSProvider for publish.example, with knot's TSIG key.
+    suffix=publish.example
+    k create secret generic bench-tsig -n "$ns" --from-literal=secret="$publish_tsig" >/dev/null
+    k apply -n "$ns" -f - >/dev/null <<EOF
+apiVersion: mailauth.dev/v1alpha1
+kind: DNSProvider
+metadata: {name: bench-dns}
+spec:
+  zones: [publish.example]
+  rfc2136: {server: "127.0.0.1:$knot_port", tsigKeyName: bench-publish, tsigSecretRef: {name: bench-tsig}}
+EOF
+  fi
   start_controller "$ns" "$label"
   # The control plane's CPU in the same window (it shares these cores).
   local peers=() name
@@ -243,9 +279,9 @@ run_onboard() { # run_onboard LABEL ALGORITHM COUNT STEADY TIMEOUT
   local load_before
   load_before="$(cut -d' ' -f1 /proc/loadavg)"
   if ! KUBECONFIG="$kubeconfig" "$onboard_bin" --namespace "$ns" --count "$count" \
-    --algorithm "$algorithm" --concurrency "$CREATE_CONCURRENCY" --domain-suffix onboard.test \
+    --algorithm "$algorithm" --concurrency "$CREATE_CONCURRENCY" --domain-suffix "$suffix" \
     --controller-pid "$controller_pid" --metrics "127.0.0.1:$metrics_port" \
-    --timeout-seconds "$timeout" --steady-seconds "$steady" "${peers[@]}" >"$out/onboard-$label.txt"; then
+    --timeout-seconds "$timeout" --steady-seconds "$steady" "${peers[@]}" "${extra[@]}" >"$out/onboard-$label.txt"; then
     log "last lines of the controller's log:"
     tail -20 "$work/controller-$label.log" >&2
     die "$label onboarding run broken (see above)"
@@ -254,6 +290,10 @@ run_onboard() { # run_onboard LABEL ALGORITHM COUNT STEADY TIMEOUT
   echo "loadavg_before $load_before" >>"$out/onboard-$label.txt"
   echo "loadavg_after $(cut -d' ' -f1 /proc/loadavg)" >>"$out/onboard-$label.txt"
   cp "$work/controller-$label.log" "$out/controller-$label.log"
+  if [[ "$label" == publish ]]; then
+    publish_u_ready="$(knot_stat 'server-operation[update]')"
+    publish_q_ready="$(knot_stat 'server-operation[query]')"
+  fi
   log "$label: cleaning up $ns"
   cleanup_namespace "$ns" "$label"
   stop_pid "$controller_pid"
@@ -324,6 +364,19 @@ if [[ "$SKIP" != *,ed25519,* ]]; then
 fi
 if [[ "$SKIP" != *,dns,* ]]; then
   run_dns
+fi
+if [[ "$SKIP" != *,publish,* ]]; then
+  # Onboarding through RFC 2136: every record written by the operator into
+  # knot, each domain counted when Ready (its DKIM record verified through
+  # the resolver). UPDATE messages and queries as knot counted them.
+  u0="$(knot_stat 'server-operation[update]')"
+  q0="$(knot_stat 'server-operation[query]')"
+  run_onboard publish "${BENCH_PUBLISH_ALGORITHM:-RSA}" "$N_PUBLISH" 0 "${BENCH_PUBLISH_TIMEOUT_SECONDS:-1800}" \
+    --provider bench-dns --condition Ready
+  # Until all were Ready, and then for deleting them (each record removed).
+  u1="$(knot_stat 'server-operation[update]')"
+  python3 -c 'import sys; n, u, q, d = map(int, sys.argv[1:]); print(f"publish_updates_knot {u}\npublish_updates_per_domain {u / n:.2f}\npublish_queries_knot {q}\npublish_queries_per_domain {q / n:.2f}\npublish_cleanup_updates_per_domain {d / n:.2f}")' \
+    "$N_PUBLISH" "$((publish_u_ready - u0))" "$((publish_q_ready - q0))" "$((u1 - publish_u_ready))" | tee -a "$out/onboard-publish.txt" >&2
 fi
 
 # --- summary -----------------------------------------------------------------------

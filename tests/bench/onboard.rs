@@ -1,6 +1,8 @@
 //! Onboarding benchmark: N MailDomains created at once in an empty namespace
 //! that a running controller watches; the time until every one is
-//! `KeysReady=True`, seen through a watch (never by polling objects).
+//! `KeysReady=True` (or `--condition`, e.g. `Ready` with `--provider` when a
+//! DNSProvider publishes the records), seen through a watch (never by
+//! polling objects).
 //!
 //! ```text
 //! KUBECONFIG=target/cluster/kubeconfig cargo bench --bench onboard -- \
@@ -44,6 +46,11 @@ struct Args {
     algorithm: String,
     concurrency: usize,
     domain_suffix: String,
+    /// `spec.dns.providerRef.name` of every MailDomain (publishing bench).
+    provider: Option<String>,
+    /// The condition that counts as onboarded (`KeysReady`, or `Ready`
+    /// when the records are published by a provider).
+    condition: String,
     controller_pid: u32,
     metrics: String,
     timeout: Duration,
@@ -59,6 +66,8 @@ fn parse_args() -> Args {
         algorithm: "RSA".into(),
         concurrency: 32,
         domain_suffix: "onboard.test".into(),
+        provider: None,
+        condition: "KeysReady".into(),
         controller_pid: 0,
         metrics: String::new(),
         timeout: Duration::from_secs(3600),
@@ -81,6 +90,8 @@ fn parse_args() -> Args {
             "--algorithm" => args.algorithm = value(),
             "--concurrency" => args.concurrency = number(value()).max(1) as usize,
             "--domain-suffix" => args.domain_suffix = value(),
+            "--provider" => args.provider = Some(value()),
+            "--condition" => args.condition = value(),
             "--controller-pid" => args.controller_pid = number(value()) as u32,
             "--metrics" => args.metrics = value(),
             "--timeout-seconds" => args.timeout = Duration::from_secs(number(value())),
@@ -136,18 +147,18 @@ struct Readiness {
     count: usize,
 }
 
-fn keys_ready(obj: &DynamicObject) -> (bool, String) {
+fn condition_true(obj: &DynamicObject, condition: &str) -> (bool, String) {
     let conditions = obj.data["status"]["conditions"].as_array();
     let Some(conditions) = conditions else {
         return (false, "no status conditions yet".into());
     };
     for c in conditions {
-        if c["type"] == "KeysReady" {
+        if c["type"] == condition {
             let ready = c["status"] == "True";
             return (
                 ready,
                 format!(
-                    "KeysReady={} reason={} message={}",
+                    "{condition}={} reason={} message={}",
                     c["status"].as_str().unwrap_or("?"),
                     c["reason"].as_str().unwrap_or("?"),
                     c["message"].as_str().unwrap_or("?")
@@ -155,7 +166,7 @@ fn keys_ready(obj: &DynamicObject) -> (bool, String) {
             );
         }
     }
-    (false, "no KeysReady condition".into())
+    (false, format!("no {condition} condition"))
 }
 
 /// What /proc says about the controller process.
@@ -360,6 +371,7 @@ async fn main() {
         let readiness = readiness.clone();
         let md_changes = md_changes.clone();
         let domains = domains.clone();
+        let condition = args.condition.clone();
         tokio::spawn(async move {
             let mut tx = Some(md_tx);
             let mut stream = kube::runtime::watcher(domains, watcher::Config::default())
@@ -397,7 +409,7 @@ async fn main() {
                     }
                 };
                 let name = obj.name_any();
-                let (ready, summary) = keys_ready(&obj);
+                let (ready, summary) = condition_true(&obj, &condition);
                 if ready {
                     let elapsed = readiness
                         .started
@@ -444,16 +456,18 @@ async fn main() {
     // Create them all, `concurrency` requests in flight.
     let algorithm = args.algorithm.clone();
     let suffix = args.domain_suffix.clone();
+    let provider = args.provider.clone();
     let create_errors = Arc::new(AtomicU64::new(0));
     let results: Vec<Result<(), String>> = futures::stream::iter(0..args.count)
         .map(|i| {
             let domains = domains.clone();
             let algorithm = algorithm.clone();
             let suffix = suffix.clone();
+            let provider = provider.clone();
             let create_errors = create_errors.clone();
             async move {
                 let name = format!("d{i:05}");
-                let manifest = serde_json::json!({
+                let mut manifest = serde_json::json!({
                     "apiVersion": "mailauth.dev/v1alpha1",
                     "kind": "MailDomain",
                     "metadata": { "name": name },
@@ -462,6 +476,10 @@ async fn main() {
                         "dkim": { "algorithm": algorithm },
                     },
                 });
+                if let Some(provider) = &provider {
+                    manifest["spec"]["dns"] =
+                        serde_json::json!({"providerRef": {"name": provider}});
+                }
                 let obj: DynamicObject = serde_json::from_value(manifest)
                     .map_err(|e| format!("building {name}: {e}"))?;
                 let mut last = String::new();

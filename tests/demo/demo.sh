@@ -4,11 +4,13 @@
 #   1. builds the binary and starts the local control plane (cached builds),
 #   2. installs the CRDs and applies examples/ into a demo namespace,
 #   3. runs the controller, checking DNS against a knot on loopback,
-#   4. publishes into knot the records the MailDomain's status asks for (as a
-#      tenant would, with `mailauth-operator records`),
+#   4. publishes the records through a DNSProvider (RFC 2136 with TSIG into
+#      knot): the tenant edits no DNS,
 #   5. runs a relay on the config the operator rendered, with an smtp-sink
 #      upstream, sends a message with swaks using the tenant's credentials,
 #   6. verifies the stored message's DKIM signature with dkimpy,
+#   7. rotates the key by annotation and shows the rotation completing by
+#      itself (the new record published, verified, the new key signing),
 # prints a short report and cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -129,19 +131,27 @@ has_key() { [[ -n "$($kubectl get md acme -n "$ns" -o jsonpath='{.status.dkim.ke
 wait_until 120 "a DKIM key for acme" has_key
 $kubectl get md -n "$ns"
 
-say "What the tenant must publish (mailauth-operator records)"
-$kubectl get md acme -n "$ns" -o yaml | "$bin" records -f - --spf-ip 127.0.0.1 --ttl 60 | tee "$work/records.txt"
+say "What acme.example needs in DNS (mailauth-operator records)"
+$kubectl get md acme -n "$ns" -o yaml | "$bin" records -f - --spf-ip 127.0.0.1 --ttl 60
 
-say "Publishing those records in knot, as the tenant would"
-{
-  echo "server 127.0.0.1 $dns_port"
-  echo "zone acme.example."
-  grep -v '^;' "$work/records.txt" | sed 's/^/update add /'
-  echo "send"
-  echo "quit"
-} | knsupdate -y "hmac-sha256:demo:$tsig"
+say "Publishing through a DNSProvider (RFC 2136 with TSIG): nobody edits DNS by hand"
+$kubectl create secret generic acme-tsig -n "$ns" --from-literal=secret="$tsig" >/dev/null
+$kubectl apply -n "$ns" -f - >/dev/null <<EOF
+apiVersion: mailauth.dev/v1alpha1
+kind: DNSProvider
+metadata: {name: acme-dns}
+spec:
+  zones: [acme.example]
+  rfc2136: {server: "127.0.0.1:$dns_port", tsigKeyName: demo, tsigSecretRef: {name: acme-tsig}}
+  ttl: 60
+EOF
+$kubectl patch md acme -n "$ns" --type merge -p '{"spec":{"dns":{"providerRef":{"name":"acme-dns"}}}}' >/dev/null
+$kubectl wait --for=condition=DNSPublished md/acme -n "$ns" --timeout=120s
 $kubectl wait --for=condition=Ready md/acme -n "$ns" --timeout=120s
 $kubectl get md -n "$ns"
+echo "What the operator wrote (status.published), as knot now serves it:"
+$kubectl get md acme -n "$ns" -o jsonpath='{range .status.published[*]}{.name}{"\n"}{end}' |
+  while read -r name; do printf '  %s TXT ' "$name"; kdig +short @127.0.0.1 -p "$dns_port" "$name" TXT | cut -c1-70; done
 
 say "Running the relay as the operator deploys it: its own ServiceAccount watching its config Secrets"
 relay_ready() {
@@ -196,6 +206,17 @@ if not dkim.verify(message, dnsfunc=txt):
     sys.exit("DKIM verification FAILED")
 print("dkimpy: signature verified")
 EOF
+
+say "A rotation completes by itself: the new key is published, verified and signs"
+first="$($kubectl get md acme -n "$ns" -o jsonpath='{.status.dkim.activeSelector}')"
+$kubectl annotate md acme -n "$ns" mailauth.dev/rotate-requested="demo-$(date +%s)" >/dev/null
+rotated() { a="$($kubectl get md acme -n "$ns" -o jsonpath='{.status.dkim.activeSelector}')"; [[ -n "$a" && "$a" != "$first" ]]; }
+wait_until 120 "the new key to be Active" rotated
+$kubectl get md acme -n "$ns" -o jsonpath='{range .status.dkim.keys[*]}  {.selector} {.state}{"\n"}{end}'
+second="$($kubectl get md acme -n "$ns" -o jsonpath='{.status.dkim.activeSelector}')"
+kdig +short @127.0.0.1 -p "$dns_port" "$second._domainkey.acme.example" TXT | grep -q 'v=DKIM1' ||
+  { echo "the new key's record is not in knot" >&2; exit 1; }
+echo "  $second is published in knot by the operator and signing; $first stays published for the overlap."
 
 say "Report"
 $kubectl get md,mr -n "$ns"
