@@ -11,12 +11,16 @@
 #     checked by `mailauth-operator check` (DKIM, SPF, DMARC) and by
 #     checkdmarc (SPF, DMARC), with the DNS queries each made as knot's
 #     mod-stats counts them.
-#  3. A summary table, also written to target/bench/summary.txt.
+#  3. Publishing: BENCH_PUBLISH_DOMAINS MailDomains with a DNSProvider (RFC
+#     2136 into knot): time until all are Ready, UPDATE messages and queries
+#     per domain as knot counts them, and the UPDATEs their deletion takes.
+#  4. A summary table, also written to target/bench/summary.txt.
 #
 # Settings: BENCH_DOMAINS, BENCH_ED25519_DOMAINS, BENCH_DNS_DOMAINS,
 # BENCH_STEADY_SECONDS (60), BENCH_CONTROLLER_CONCURRENCY (the controller's
 # default when unset), BENCH_CREATE_CONCURRENCY (32), BENCH_SKIP (comma list
-# of rsa, ed25519, dns), BENCH_KEEP=1 keeps the work dir (logs, zone).
+# of rsa, ed25519, dns, publish), BENCH_PUBLISH_DOMAINS (1000),
+# BENCH_PUBLISH_ALGORITHM (RSA), BENCH_KEEP=1 keeps the work dir (logs, zone).
 # The bench fails loudly (non-zero, with the reason) when a run is broken:
 # domains that never become KeysReady, a controller that dies, a check that
 # fails on the zone it was built to pass.
