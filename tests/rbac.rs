@@ -210,7 +210,12 @@ fn what_the_operator_does(release_ns: &str, lease: &str) -> Vec<Ask> {
     let md = "maildomains.mailauth.dev";
     let mr = "mailrelays.mailauth.dev";
     let lease_by_name = format!("leases.coordination.k8s.io/{lease}");
-    let mut asks = Vec::new();
+    let mut asks = vec![ask(
+        "get",
+        "dnsproviders.mailauth.dev",
+        None,
+        "a MailDomain's DNSProvider says where to publish its records",
+    )];
     for verb in ["get", "list", "watch"] {
         asks.push(ask(verb, md, None, "MailDomains are watched cluster-wide"));
         asks.push(ask(
@@ -648,5 +653,124 @@ async fn a_tenant_may_change_its_maildomains_but_never_their_status() {
     );
     tenant_ns.delete().await;
     other_ns.delete().await;
+    installed.uninstall().await;
+}
+
+/// The controller itself, run as a process with a token of the chart's
+/// ServiceAccount (not as `system:masters`): a MailDomain with a relay and
+/// a DNSProvider goes all the way to Ready, so every request the code makes
+/// on that path is one the chart grants. A rule the code needs and the
+/// chart lacks fails here, whether or not the matrix above lists it.
+#[tokio::test]
+async fn the_controller_does_its_job_on_the_charts_own_rbac() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    use mailauth_operator::api::{
+        ConditionStatus, ConditionType, DNSProvider, MailDomain, MailRelay,
+    };
+    use support::dns::{Knot, TSIG_KEY_NAME, Zone};
+    use support::operator::{is, wait_for};
+
+    let installed = install_chart("rbac-run").await;
+    let c = cluster();
+    let tenant = c.namespace("rbac-run-tenant").await;
+    let knot = Knot::start(&[Zone::new("rbacrun.test")]);
+    let client = c.client().await;
+    let pp = PostParams::default();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "tsig"},
+        "stringData": {"secret": knot.tsig_secret()},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &tenant.name)
+        .create(&pp, &secret)
+        .await
+        .unwrap();
+    let provider: DNSProvider = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailauth.dev/v1alpha1", "kind": "DNSProvider", "metadata": {"name": "dns"},
+        "spec": {"zones": ["rbacrun.test"],
+                 "rfc2136": {"server": knot.addr().to_string(), "tsigKeyName": TSIG_KEY_NAME,
+                             "tsigSecretRef": {"name": "tsig"}}},
+    }))
+    .unwrap();
+    Api::<DNSProvider>::namespaced(client.clone(), &tenant.name)
+        .create(&pp, &provider)
+        .await
+        .unwrap();
+    let relay: MailRelay = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailRelay", "metadata": {"name": "relay"},
+        "spec": {"hostname": "relay.platform.test",
+                 "upstream": {"host": "127.0.0.1", "port": 2525, "tls": "None"},
+                 "spf": {"egressIPs": ["127.0.0.1"]}},
+    }))
+    .unwrap();
+    let relays = Api::<MailRelay>::namespaced(client.clone(), &tenant.name);
+    relays.create(&pp, &relay).await.unwrap();
+    let md: MailDomain = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailDomain", "metadata": {"name": "acme"},
+        "spec": {"domain": "rbacrun.test", "relayRef": {"name": "relay"},
+                 "dkim": {"algorithm": "Ed25519"},
+                 "dns": {"providerRef": {"name": "dns"}}},
+    }))
+    .unwrap();
+    let domains = Api::<MailDomain>::namespaced(client.clone(), &tenant.name);
+    domains.create(&pp, &md).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig =
+        c.service_account_kubeconfig(&installed.ns.name, &installed.service_account, dir.path());
+    let log_path = dir.path().join("operator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    /// Stops the operator however the test ends, and shows its log when
+    /// the test failed.
+    struct Running(std::process::Child, std::path::PathBuf);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            if std::thread::panicking() {
+                let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+                eprintln!("the operator's log:\n{log}");
+            }
+        }
+    }
+    let operator = Running(
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailauth-operator"))
+            .arg("controller")
+            .args(["--namespace", &tenant.name])
+            .args(["--dns-server", &knot.addr().to_string()])
+            .args(["--dns-retry-min", "1s", "--dns-retry-max", "2s"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--leader-election")
+            .args(["--lease-name", &installed.lease])
+            .args(["--lease-namespace", &installed.ns.name])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("running the operator"),
+        log_path.clone(),
+    );
+
+    wait_for(
+        &domains,
+        "acme",
+        "Ready, published, served by the relay",
+        |md| {
+            is(md, ConditionType::Ready, ConditionStatus::True)
+                && is(md, ConditionType::DnsPublished, ConditionStatus::True)
+                && is(md, ConditionType::RelayAccepted, ConditionStatus::True)
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        !log.contains("forbidden"),
+        "a request was forbidden:\n{log}"
+    );
+    drop(operator);
+    tenant.delete().await;
     installed.uninstall().await;
 }
