@@ -851,6 +851,49 @@ fn expand(macro_string: &Macro, domain: &str, ip: IpAddr) -> String {
 }
 
 /// Lowercase, no trailing dot: how names are compared here.
+/// How many DNS-querying terms `record` would need if it were the SPF
+/// record at `domain` (RFC 7208 4.6.4, counted over the whole tree as
+/// [`check_spf`] counts it), its includes resolved through `dns`: for a
+/// record the operator proposes before anyone publishes it.
+pub async fn lookups_if_published(dns: &impl DnsLookup, domain: &str, record: &str) -> u32 {
+    let overlay = Proposed {
+        inner: dns,
+        name: normalize_name(domain),
+        record: record.to_string(),
+    };
+    check_spf(&overlay, domain, &SpfRequirement::default())
+        .await
+        .dns_lookups
+}
+
+/// `inner`, except that `name` holds exactly the TXT record `record`.
+struct Proposed<'a, D> {
+    inner: &'a D,
+    name: String,
+    record: String,
+}
+
+impl<D: DnsLookup> DnsLookup for Proposed<'_, D> {
+    async fn txt(&self, name: &str) -> Result<Vec<String>, LookupError> {
+        if normalize_name(name) == self.name {
+            return Ok(vec![self.record.clone()]);
+        }
+        self.inner.txt(name).await
+    }
+
+    async fn mx(&self, name: &str) -> Result<Vec<String>, LookupError> {
+        self.inner.mx(name).await
+    }
+
+    async fn addresses(
+        &self,
+        name: &str,
+        family: AddressFamily,
+    ) -> Result<Vec<IpAddr>, LookupError> {
+        self.inner.addresses(name, family).await
+    }
+}
+
 fn normalize_name(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
 }
@@ -858,6 +901,22 @@ fn normalize_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_proposed_record_is_counted_with_its_includes_resolved() {
+        let dns = crate::dns::testing::FakeDns::default()
+            .txt("acme.test", "v=spf1 -all")
+            .txt("_spf.a.test", "v=spf1 include:_spf.b.test -all")
+            .txt("_spf.b.test", "v=spf1 ip4:192.0.2.1 -all");
+        assert_eq!(
+            lookups_if_published(&dns, "acme.test", "v=spf1 mx include:_spf.a.test ~all").await,
+            3
+        );
+        assert_eq!(
+            lookups_if_published(&dns, "acme.test", "v=spf1 ip4:192.0.2.7 ~all").await,
+            0
+        );
+    }
     use crate::dns::testing::FakeDns;
 
     fn requirement(ips: &[&str]) -> SpfRequirement {

@@ -20,9 +20,9 @@ use super::super::Context;
 use crate::api::{
     ConditionStatus, ConditionType, DNSProvider, MailDomain, PublishedRecord, Reason,
 };
-use crate::dns::RecordOutcome;
 use crate::dns::publish::{self, Blocked, Precondition, Step};
 use crate::dns::rfc2136::{Change, Prerequisite, Rfc2136Client, UpdateError};
+use crate::dns::{RecordOutcome, spf};
 
 /// What publishing came to, for the decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,8 +179,43 @@ pub async fn publish_records(
         let outcomes = outcomes_of(&fresh, outcomes);
         plan = plan_for(&fresh, &outcomes);
     }
+    // A merged SPF record past the lookup limit would make SPF fail
+    // (permerror) for everyone: it is never written, and the tenant is told.
+    let mut too_many = None;
+    for step in &mut plan.steps {
+        if let Step::Replace { record, .. } = step {
+            let lookups = spf::lookups_if_published(&ctx.dns, &record.name, &record.value).await;
+            if lookups > spf::MAX_DNS_LOOKUPS {
+                too_many = Some((record.name.clone(), record.value.clone(), lookups));
+            }
+        }
+    }
+    if too_many.is_some() {
+        plan.steps.retain(|s| !matches!(s, Step::Replace { .. }));
+    }
+    for blocked in &plan.blocked {
+        if let Blocked::Foreign {
+            name,
+            merged: Some(merged),
+            ..
+        } = blocked
+        {
+            let lookups = spf::lookups_if_published(&ctx.dns, name, merged).await;
+            if lookups > spf::MAX_DNS_LOOKUPS {
+                too_many = Some((name.clone(), merged.clone(), lookups));
+            }
+        }
+    }
     let mut ledger = plan.kept.clone();
-    let mut problem = blocked_problem(&plan.blocked, &provider.spec);
+    let mut problem = match too_many {
+        Some((name, merged, lookups)) => Some((
+            Reason::ForeignRecord,
+            format!(
+                "{name} has an SPF record the operator did not write that does not authorize the relay, and the merged record \"{merged}\" would need {lookups} DNS lookups (RFC 7208 allows 10): flatten or drop an include from the record, then publish the merged one"
+            ),
+        )),
+        None => blocked_problem(&plan.blocked, &provider.spec),
+    };
     let mut wrote = false;
     if !plan.steps.is_empty() {
         match client_for(&provider, ctx).await {
