@@ -140,6 +140,18 @@ fn default_secret_key() -> String {
 }
 
 impl DNSProviderSpec {
+    /// An externalDNS provider for `zones`, for unit tests.
+    #[cfg(test)]
+    pub fn for_zones(zones: &[&str]) -> Self {
+        Self {
+            zones: zones.iter().map(|z| z.to_string()).collect(),
+            rfc2136: None,
+            external_dns: Some(ExternalDns::default()),
+            allowed_namespaces: AllowedNamespaces::default(),
+            ttl: 300,
+        }
+    }
+
     /// The longest granted zone that holds `name`, if any.
     pub fn zone_of(&self, name: &str) -> Option<&str> {
         self.zones
@@ -155,13 +167,7 @@ mod tests {
     use super::*;
 
     fn provider(zones: &[&str]) -> DNSProviderSpec {
-        DNSProviderSpec {
-            zones: zones.iter().map(|z| z.to_string()).collect(),
-            rfc2136: None,
-            external_dns: Some(ExternalDns::default()),
-            allowed_namespaces: AllowedNamespaces::default(),
-            ttl: 300,
-        }
+        DNSProviderSpec::for_zones(zones)
     }
 
     #[test]

@@ -227,18 +227,12 @@ pub fn merged_spf(found: &str, ours: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AllowedNamespaces, ExternalDns, SpfAuthorization};
+    use crate::api::SpfAuthorization;
 
     const PROVIDER: &str = "tenant-a/dns";
 
     fn provider(zones: &[&str]) -> DNSProviderSpec {
-        DNSProviderSpec {
-            zones: zones.iter().map(|z| z.to_string()).collect(),
-            rfc2136: None,
-            external_dns: Some(ExternalDns::default()),
-            allowed_namespaces: AllowedNamespaces::default(),
-            ttl: 300,
-        }
+        DNSProviderSpec::for_zones(zones)
     }
 
     fn txt(name: &str, value: &str, purpose: RecordPurpose, req: Requirement) -> ExpectedRecord {

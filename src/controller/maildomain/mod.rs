@@ -160,21 +160,38 @@ async fn report_failure(domain: &MailDomain, error: &Error, ctx: &Context) {
     if !lasting {
         return;
     }
+    let message = format!("the operator cannot reconcile this MailDomain: {error}");
+    if let Err(error) =
+        write_not_ready(domain, &namespace, Reason::ReconcileFailed, message, ctx).await
+    {
+        tracing::warn!(%error, "could not record the failed reconcile in status");
+    }
+}
+
+/// Sets `Ready=False` with `reason` and `message` in the status (and the
+/// observed generation), leaving the rest as it is.
+async fn write_not_ready(
+    domain: &MailDomain,
+    namespace: &str,
+    reason: Reason,
+    message: String,
+    ctx: &Context,
+) -> Result<bool, kube::Error> {
     let mut status = domain.status.clone().unwrap_or_default();
     Condition::upsert(
         &mut status.conditions,
         Condition::new(
             ConditionType::Ready,
             ConditionStatus::False,
-            Reason::ReconcileFailed,
-            format!("the operator cannot reconcile this MailDomain: {error}"),
+            reason,
+            message,
             domain.meta().generation,
             k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ctx.clock.now()),
         ),
     );
     status.observed_generation = domain.meta().generation;
-    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &namespace);
-    if let Err(error) = write_if_changed(
+    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), namespace);
+    write_if_changed(
         &api,
         domain,
         domain.status.as_ref(),
@@ -182,9 +199,6 @@ async fn report_failure(domain: &MailDomain, error: &Error, ctx: &Context) {
         &ctx.metrics.status_writes,
     )
     .await
-    {
-        tracing::warn!(%error, "could not record the failed reconcile in status");
-    }
 }
 
 /// The MailDomain's Secrets, as the shell read them.
@@ -414,31 +428,11 @@ async fn not_own_domain(
     namespace: &str,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let mut status = domain.status.clone().unwrap_or_default();
-    Condition::upsert(
-        &mut status.conditions,
-        Condition::new(
-            ConditionType::Ready,
-            ConditionStatus::False,
-            Reason::NotOwnDomain,
-            format!(
-                "{} is a public suffix (Public Suffix List), not a domain a client can own: use the client's own domain, such as acme.{}",
-                domain.spec.domain, domain.spec.domain
-            ),
-            domain.meta().generation,
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ctx.clock.now()),
-        ),
+    let message = format!(
+        "{} is a public suffix (Public Suffix List), not a domain a client can own: use the client's own domain, such as acme.{}",
+        domain.spec.domain, domain.spec.domain
     );
-    status.observed_generation = domain.meta().generation;
-    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), namespace);
-    write_if_changed(
-        &api,
-        domain,
-        domain.status.as_ref(),
-        &status,
-        &ctx.metrics.status_writes,
-    )
-    .await?;
+    write_not_ready(domain, namespace, Reason::NotOwnDomain, message, ctx).await?;
     ctx.metrics.reconciles.inc();
     Ok(Action::await_change())
 }
