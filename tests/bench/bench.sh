@@ -190,7 +190,8 @@ knot_queries() {
 
 # One knot counter from mod-stats (0 when absent): server-operation[update].
 knot_stat() { # knot_stat SECTION[ITEM]
-  knotc -s "$knot_sock" stats "mod-stats.$1" 2>/dev/null | awk -F'= ' '{ s += $2 } END { print s + 0 }'
+  # knotc exits non-zero for a counter that has not counted anything yet.
+  { knotc -s "$knot_sock" stats "mod-stats.$1" 2>/dev/null || true; } | awk -F'= ' '{ s += $2 } END { print s + 0 }'
 }
 
 # --- the control plane ---------------------------------------------------------
