@@ -87,5 +87,5 @@ fresh-check:
 	.ci/fresh-check
 
 clean: cluster-down
-	CLUSTER_DIR=target/node-cluster $(CLUSTER) down
+	CLUSTER_DIR=$(CURDIR)/target/node-cluster $(CLUSTER) down
 	$(CARGO) clean

@@ -34,7 +34,7 @@
 set -Eeuo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-cluster="${CLUSTER_DIR:-$repo/target/cluster}"
+cluster="$(realpath -m "${CLUSTER_DIR:-$repo/target/cluster}")"
 dir="$cluster/node"
 kubectl=("$cluster/bin/kubectl" --kubeconfig "$cluster/kubeconfig")
 node_name="${NODE_NAME:-mailauth-node}"
