@@ -191,7 +191,10 @@ knot_queries() {
 # One knot counter from mod-stats (0 when absent): server-operation[update].
 knot_stat() { # knot_stat SECTION[ITEM]
   # knotc exits non-zero for a counter that has not counted anything yet.
-  { knotc -s "$knot_sock" stats "mod-stats.$1" 2>/dev/null || true; } | awk -F'= ' '{ s += $2 } END { print s + 0 }'
+  local section="${1%%\[*}" item="${1#*\[}"
+  item="${item%\]}"
+  { knotc -s "$knot_sock" stats "mod-stats.$section" 2>/dev/null || true; } |
+    awk -F' = ' -v item="[$item]" 'index($1, item) { s += $2 } END { print s + 0 }'
 }
 
 # --- the control plane ---------------------------------------------------------
@@ -446,6 +449,15 @@ if ck and cd:
     row(f"  DNS queries/domain, ours (knot count)", f"{f(ck, 'check_queries_per_domain'):.2f}  (check itself reports {f(ck, 'check_queries_reported') / n:.2f})")
     row(f"  DNS queries/domain, checkdmarc (knot count)", f"{f(cd, 'checkdmarc_queries_per_domain'):.2f}", "ours fewer")
 
+pb = load("onboard-publish.txt")
+if pb:
+    n = f(pb, "count") if "count" in pb else float(os.environ.get("N_PUBLISH", "0") or 0)
+    row("Publishing (RFC 2136): time until all Ready", f"{f(pb, 'ready_seconds'):.1f} s (p50 {f(pb, 'ready_p50_seconds'):.1f} s)")
+    row("  DNS UPDATE messages/domain (knot count)", f"{f(pb, 'publish_updates_per_domain'):.2f}  (deletion: {f(pb, 'publish_cleanup_updates_per_domain'):.2f})")
+    row("  DNS queries/domain (knot count)", f"{f(pb, 'publish_queries_per_domain'):.2f}")
+    row("  API writes/domain (watched, with events)", f"{f(pb, 'writes_per_domain_watched_with_events'):.2f}")
+if not rows:
+    sys.exit("no run produced numbers")
 w1 = max(len(r[0]) for r in rows); w2 = max(len(r[1]) for r in rows)
 print(f"{'what'.ljust(w1)}  {'measured'.ljust(w2)}  target")
 print("-" * (w1 + w2 + 20))
