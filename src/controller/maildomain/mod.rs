@@ -666,6 +666,15 @@ fn next_check_delay(
 async fn cleanup(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let namespace = domain.namespace().ok_or(Error::NotNamespaced)?;
     let me = ObjectRef::from_obj(domain);
+    // A reconcile queued before the finalizer came off can still find the
+    // object in the index: if the API server no longer has it, its cleanup
+    // is done, and its records are not removed from DNS a second time. (An
+    // object of the same name made since is another one: its own cleanup
+    // goes on as before.)
+    let api: Api<MailDomain> = Api::namespaced(ctx.client.clone(), &namespace);
+    if api.get_opt(&domain.name_any()).await?.is_none() {
+        return Ok(Action::await_change());
+    }
     // The domain leaves its relay before the finalizer lets go, so the relay
     // never signs for a domain that no longer exists: the projection sees
     // the deletion and rewrites the shard, and cleanup waits for that.
