@@ -224,6 +224,7 @@ mod tests {
             generation: 1,
             public_key: "AAAA".into(),
             created_at: Time(created.parse().expect("time")),
+            verified_at: None,
             activated_at: None,
             retiring_at: None,
             retired_at: None,

@@ -589,6 +589,7 @@ fn key(selector: &str, state: KeyState, public_key: &str) -> DkimKeyStatus {
         generation: 1,
         public_key: public_key.into(),
         created_at: Time("2026-01-01T00:00:00Z".parse().expect("time")),
+        verified_at: None,
         activated_at: None,
         retiring_at: None,
         retired_at: None,
@@ -611,7 +612,7 @@ async fn expected_records_of_a_maildomain_are_checked_and_statuses_do_not_churn(
         key("s1", KeyState::Active, &keys.good),
         key("s0", KeyState::Retired, "OLD"),
     ];
-    let expected = expected_records("good.test", &spec, &key_status, Some(&relay));
+    let expected = expected_records("good.test", &spec, &key_status, Some(&relay), None);
     let outcomes = check_records(&dns, &expected).await;
     let t1 = Time("2026-03-01T00:00:00Z".parse().expect("time"));
     let statuses = record_statuses(&outcomes, &[], &t1);
@@ -1265,7 +1266,7 @@ async fn dkim_our_key_in_a_record_receivers_cannot_use_is_not_verified() {
         .iter()
         .map(|selector| key(selector, KeyState::Active, RSA_2048))
         .collect();
-    let expected = expected_records(RECEIVER_DOMAIN, &spec, &key_status, None);
+    let expected = expected_records(RECEIVER_DOMAIN, &spec, &key_status, None, None);
     let outcomes = check_records(&dns, &expected).await;
     let states: Vec<(&str, Option<RecordState>)> = outcomes
         .iter()

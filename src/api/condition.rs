@@ -101,6 +101,8 @@ pub enum Reason {
     NoKey,
     NoRelay,
     Removable,
+    /// A delegated DKIM CNAME is missing or points elsewhere.
+    CnameMissing,
     // DomainConflict
     DomainClaimed,
     NoConflict,
@@ -156,6 +158,7 @@ impl Reason {
             Self::RotationPending => "RotationPending",
             Self::RecordMissing => "RecordMissing",
             Self::RecordMismatch => "RecordMismatch",
+            Self::CnameMissing => "CNAMEMissing",
             Self::DnsError => "DNSError",
             Self::NotChecked => "NotChecked",
             Self::NoKey => "NoKey",

@@ -30,6 +30,7 @@ use super::mailrelay::AllowedNamespaces;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("has(self.rfc2136) != has(self.externalDNS)").message("set exactly one of rfc2136 and externalDNS"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.dkimDelegationZone) || self.dkimDelegationZone in self.zones").message("must be one of zones").field_path(".dkimDelegationZone"))]
 pub struct DNSProviderSpec {
     /// The zones this provider may write, such as `acme.example`. A record
     /// is written only at a name inside one of them (and inside the
@@ -60,9 +61,19 @@ pub struct DNSProviderSpec {
     #[serde(default)]
     pub allowed_namespaces: AllowedNamespaces,
 
-    /// TTL of the records written, in seconds (default 300). A rotation
-    /// waits at least this long after a new key's record is seen before it
-    /// signs with it.
+    /// A zone among `zones` that hosts delegated DKIM records: a MailDomain
+    /// with `spec.dkim.delegation` naming this provider gets its key
+    /// records at `<selector>.<label>.<zone>`, where the label is unique to
+    /// the MailDomain (a hash of its namespace, name and domain), so no
+    /// MailDomain can write another's. Dedicate the zone to this use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 200))]
+    #[serde(rename = "dkimDelegationZone")]
+    pub dkim_delegation_zone: Option<String>,
+
+    /// TTL of the records written, in seconds (default 300). A delegated
+    /// key waits at least this long after its record is seen through the
+    /// tenant's CNAME before it signs, since its selector was used before.
     #[serde(default = "default_ttl")]
     #[schemars(range(min = 30, max = 86400))]
     pub ttl: u32,
@@ -148,6 +159,7 @@ impl DNSProviderSpec {
             rfc2136: None,
             external_dns: Some(ExternalDns::default()),
             allowed_namespaces: AllowedNamespaces::default(),
+            dkim_delegation_zone: None,
             ttl: 300,
         }
     }

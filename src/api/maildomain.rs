@@ -216,6 +216,23 @@ pub struct DkimSpec {
     /// When keys are replaced.
     #[serde(default)]
     pub rotation: RotationSpec,
+
+    /// Delegated DKIM: the key records live in a zone the platform
+    /// controls, published through the named DNSProvider, and the tenant
+    /// publishes two CNAMEs once (`status.records` lists them). Keys then
+    /// alternate between two fixed selectors, `<prefix>1` and `<prefix>2`,
+    /// and rotate with no change to the tenant's DNS ever again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<DkimDelegation>,
+}
+
+/// Where delegated DKIM records are published.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimDelegation {
+    /// A DNSProvider with `dkimDelegationZone` set, that admits this
+    /// namespace.
+    pub provider_ref: ProviderRef,
 }
 
 /// Key rotation settings.
@@ -333,6 +350,7 @@ impl Default for DkimSpec {
             rsa_key_size: default_rsa_key_size(),
             selector_prefix: default_selector_prefix(),
             rotation: RotationSpec::default(),
+            delegation: None,
         }
     }
 }
@@ -432,6 +450,13 @@ pub struct DkimStatus {
     /// was acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotate_requested: Option<String>,
+
+    /// Delegated DKIM: the name under which this domain's key records are
+    /// published, `<label>.<dkimDelegationZone>`; the selector `<s>` lives
+    /// at `<s>.<delegatedTo>`, which `<s>._domainkey.<domain>` must be a
+    /// CNAME to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegated_to: Option<String>,
 }
 
 /// One DKIM key.
@@ -453,6 +478,11 @@ pub struct DkimKeyStatus {
     pub public_key: String,
     /// When the key was generated.
     pub created_at: Time,
+    /// Delegated keys only: when its record was first seen through the
+    /// tenant's CNAME. It starts signing once the provider's TTL has passed
+    /// since, so no resolver still holds the slot's earlier record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
     /// When the key started signing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_at: Option<Time>,
@@ -503,7 +533,7 @@ pub enum KeyState {
 pub struct DnsRecordStatus {
     /// The fully-qualified owner name.
     pub name: String,
-    /// The record type (`TXT`, `MX`).
+    /// The record type (`TXT`, `MX`, `CNAME`).
     #[serde(rename = "type")]
     pub type_: String,
     /// The record value, whole.

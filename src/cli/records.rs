@@ -76,7 +76,7 @@ pub fn run(args: RecordsArgs) -> Result<ExitCode, RecordsError> {
         .map(|dkim| dkim.keys.as_slice())
         .unwrap_or_default();
     let spec = &mail_domain.spec;
-    let mut records = expected_records(&spec.domain, spec, keys, spf.as_ref());
+    let mut records = expected_records(&spec.domain, spec, keys, spf.as_ref(), None);
     if let Some(exchange) = &args.return_path_mx {
         records.extend(return_path_mx_record(&spec.domain, spec, exchange));
     }

@@ -251,8 +251,18 @@ pub fn membership(candidate: &Candidate<'_>) -> Result<DomainConfig, LeftOut> {
         .flat_map(|dkim| dkim.keys.iter())
         .filter(|key| key.state == KeyState::Active)
         .collect();
+    // A delegated key's own record, in the platform's zone, is what must be
+    // verified for it to sign: the tenant's CNAME to it going missing is
+    // reported loudly, and never stops the current key signing.
+    let delegated_to = status.dkim.as_ref().and_then(|d| d.delegated_to.as_deref());
+    let prefix = &md.spec.dkim.selector_prefix;
     let verified = |key: &&crate::api::DkimKeyStatus| {
-        let name = dkim_record_name(&key.selector, &md.spec.domain);
+        let name = match delegated_to {
+            Some(base) if crate::dkim::slot_of(prefix, &key.selector).is_some() => {
+                format!("{}.{base}", key.selector)
+            }
+            _ => dkim_record_name(&key.selector, &md.spec.domain),
+        };
         let value = dkim_txt_value(key.algorithm, &key.public_key);
         status.records.iter().any(|record| {
             record.purpose == RecordPurpose::Dkim

@@ -102,6 +102,7 @@ pub fn adopt(secret: &Secret, entry: &LedgerEntry) -> Option<DkimKeyStatus> {
         generation: entry.generation,
         public_key,
         created_at: entry.created_at.clone(),
+        verified_at: None,
         activated_at: entry.activated_at.clone(),
         retiring_at: entry.retiring_at.clone(),
         retired_at: None,

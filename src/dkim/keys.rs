@@ -98,6 +98,7 @@ impl GeneratedKey {
             generation,
             public_key: self.public_key,
             created_at: Time(now),
+            verified_at: None,
             activated_at: None,
             retiring_at: None,
             retired_at: None,

@@ -21,4 +21,4 @@ pub use rotation::{
     DiscardReason, DnsVerdict, GenerationReason, RotationError, RotationEvent, RotationInput,
     RotationPlan, plan,
 };
-pub use selector::{SelectorError, selectors_for_generation};
+pub use selector::{SLOTS, SelectorError, selectors_for_generation, slot_of, slot_selectors};

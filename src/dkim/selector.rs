@@ -63,6 +63,36 @@ pub fn selectors_for_generation<'a>(
     }
 }
 
+/// The two selector slots of delegated DKIM. Keys take turns: a new key
+/// takes the slot the signing key is not in.
+pub const SLOTS: [u8; 2] = [1, 2];
+
+/// The selectors of delegated slot `slot`: `<prefix><slot>` (`ma1`), and
+/// `<prefix><slot>-ed` for the Ed25519 key of a `Dual` generation. Unlike
+/// dated selectors these are reused, one key after another: see
+/// `docs/delegation.md` for why that is safe.
+pub fn slot_selectors(
+    prefix: &str,
+    algorithm: DkimAlgorithm,
+    slot: u8,
+) -> Result<Vec<(KeyAlgorithm, String)>, SelectorError> {
+    if !is_valid_prefix(prefix) {
+        return Err(SelectorError::InvalidPrefix(prefix.to_string()));
+    }
+    Ok(selectors_from_base(&format!("{prefix}{slot}"), algorithm))
+}
+
+/// The slot a selector belongs to, if it is a slot selector of `prefix`
+/// (a dated selector has eight digits after the prefix, a slot one).
+pub fn slot_of(prefix: &str, selector: &str) -> Option<u8> {
+    let rest = selector.strip_prefix(prefix)?;
+    let rest = rest.strip_suffix(DUAL_ED25519_SUFFIX).unwrap_or(rest);
+    SLOTS
+        .iter()
+        .copied()
+        .find(|slot| rest.len() == 1 && rest == slot.to_string())
+}
+
 fn selectors_from_base(base: &str, algorithm: DkimAlgorithm) -> Vec<(KeyAlgorithm, String)> {
     match algorithm {
         DkimAlgorithm::Rsa => vec![(KeyAlgorithm::Rsa, base.to_string())],
@@ -113,6 +143,28 @@ mod tests {
 
     fn names(selectors: Vec<(KeyAlgorithm, String)>) -> Vec<String> {
         selectors.into_iter().map(|(_, s)| s).collect()
+    }
+
+    #[test]
+    fn slot_selectors_are_the_prefix_and_the_slot_number() {
+        assert_eq!(
+            names(slot_selectors("ma", DkimAlgorithm::Rsa, 1).unwrap()),
+            ["ma1"]
+        );
+        assert_eq!(
+            names(slot_selectors("ma", DkimAlgorithm::Dual, 2).unwrap()),
+            ["ma2", "ma2-ed"]
+        );
+        assert!(slot_selectors("Ma", DkimAlgorithm::Rsa, 1).is_err());
+        assert_eq!(slot_of("ma", "ma1"), Some(1));
+        assert_eq!(slot_of("ma", "ma2-ed"), Some(2));
+        // Dated selectors, other slots and other prefixes are not slots,
+        // even with a prefix that ends in a digit.
+        assert_eq!(slot_of("ma", "ma20261126a"), None);
+        assert_eq!(slot_of("ma", "ma3"), None);
+        assert_eq!(slot_of("mb", "ma1"), None);
+        assert_eq!(slot_of("ma2", "ma21"), Some(1));
+        assert_eq!(slot_of("ma2", "ma220261126a"), None);
     }
 
     #[test]

@@ -78,8 +78,44 @@ async fn check_record(dns: &impl DnsLookup, record: &ExpectedRecord) -> Option<V
         }
         Requirement::DmarcRecord => dmarc::discover_dmarc(dns, &record.name).await,
         Requirement::MailExchanger { exchange } => check_mx(dns, &record.name, exchange).await,
+        Requirement::DkimDelegation {
+            target, public_key, ..
+        } => check_delegation(dns, &record.name, target, public_key.as_deref()).await,
     };
     Some(verdict)
+}
+
+/// A delegation CNAME at `name` must lead to `target`, and through it to
+/// the slot's key when there is one: the lookup a receiver makes.
+async fn check_delegation(
+    dns: &impl DnsLookup,
+    name: &str,
+    target: &str,
+    public_key: Option<&str>,
+) -> Verdict {
+    match dns.cname(name).await {
+        Ok(found) if found.eq_ignore_ascii_case(target) => {}
+        Ok(found) => {
+            return Verdict::Mismatch {
+                found: format!("CNAME {found}."),
+                problem: format!("the CNAME must point to {target}."),
+            };
+        }
+        Err(err) if err.is_absent() => {
+            return Verdict::Missing {
+                reason: format!("{name} has no CNAME ({err})"),
+            };
+        }
+        Err(err) => {
+            return Verdict::Error {
+                message: err.to_string(),
+            };
+        }
+    }
+    match public_key {
+        None => Verdict::Verified,
+        Some(key) => dkim::check_dkim_record(dns, name, Some(key)).await.verdict,
+    }
 }
 
 /// An MX at `name` must point to `exchange` (other MX hosts may exist).
@@ -185,6 +221,7 @@ mod tests {
             generation: 1,
             public_key: public_key.into(),
             created_at: Time("2026-01-01T00:00:00Z".parse().unwrap()),
+            verified_at: None,
             activated_at: None,
             retiring_at: None,
             retired_at: None,
@@ -214,7 +251,7 @@ mod tests {
             .mx("acme.test", "mx.acme.test")
             .txt("_dmarc.acme.test", "v=DMARC1; p=reject")
             .failing("bounce.acme.test");
-        let mut expected = expected_records("acme.test", &spec, &keys, Some(&relay));
+        let mut expected = expected_records("acme.test", &spec, &keys, Some(&relay), None);
         expected.extend(return_path_mx_record(
             "acme.test",
             &spec,
@@ -269,5 +306,94 @@ mod tests {
         let report = check_domain(&dns, &check).await;
         assert!(!report.passed());
         assert!(matches!(report.dkim[1].verdict, Verdict::Missing { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_delegated_key_is_checked_through_the_tenants_cname() {
+        let spec: MailDomainSpec = serde_yaml::from_str(
+            "{domain: acme.test, dkim: {algorithm: Ed25519, delegation: {providerRef: {name: p}}}}",
+        )
+        .unwrap();
+        let base = "abc.dkim.platform.test";
+        let signing = ed25519_key(4);
+        let keys = [key("ma1", KeyState::Active, &signing)];
+        let value = format!("v=DKIM1; k=ed25519; p={signing}");
+        let expected = expected_records("acme.test", &spec, &keys, None, Some(base));
+        let names: Vec<(&str, RecordType)> = expected
+            .iter()
+            .filter(|r| r.purpose == Purpose::Dkim)
+            .map(|r| (r.name.as_str(), r.record_type))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("ma1.abc.dkim.platform.test", RecordType::Txt),
+                ("ma1._domainkey.acme.test", RecordType::Cname),
+                ("ma2._domainkey.acme.test", RecordType::Cname),
+            ]
+        );
+        let verdict = |outcomes: &[RecordOutcome], name: &str| {
+            outcomes
+                .iter()
+                .find(|o| o.record.name == name)
+                .and_then(|o| o.verdict.clone())
+                .unwrap()
+        };
+
+        // Both CNAMEs in place: the key is seen through ma1, and the idle
+        // slot ma2 only needs its CNAME.
+        let dns = FakeDns::default()
+            .txt("ma1.abc.dkim.platform.test", &value)
+            .cname("ma1._domainkey.acme.test", "ma1.abc.dkim.platform.test")
+            .cname("ma2._domainkey.acme.test", "ma2.abc.dkim.platform.test");
+        let outcomes = check_records(&dns, &expected).await;
+        assert_eq!(
+            verdict(&outcomes, "ma1._domainkey.acme.test"),
+            Verdict::Verified
+        );
+        assert_eq!(
+            verdict(&outcomes, "ma2._domainkey.acme.test"),
+            Verdict::Verified
+        );
+        assert_eq!(
+            verdict(&outcomes, "ma1.abc.dkim.platform.test"),
+            Verdict::Verified
+        );
+
+        // The tenant's CNAME gone: missing, though the record itself stays.
+        let dns = FakeDns::default()
+            .txt("ma1.abc.dkim.platform.test", &value)
+            .cname("ma2._domainkey.acme.test", "ma2.abc.dkim.platform.test");
+        let outcomes = check_records(&dns, &expected).await;
+        assert!(matches!(
+            verdict(&outcomes, "ma1._domainkey.acme.test"),
+            Verdict::Missing { .. }
+        ));
+        assert_eq!(
+            verdict(&outcomes, "ma1.abc.dkim.platform.test"),
+            Verdict::Verified
+        );
+
+        // Pointing elsewhere: a mismatch naming what it points to; and a
+        // CNAME in place whose record is not there yet is missing.
+        let dns = FakeDns::default()
+            .cname("ma1._domainkey.acme.test", "ma1.other.dkim.platform.test")
+            .cname("ma2._domainkey.acme.test", "ma2.abc.dkim.platform.test");
+        let outcomes = check_records(&dns, &expected).await;
+        assert_eq!(
+            verdict(&outcomes, "ma1._domainkey.acme.test"),
+            Verdict::Mismatch {
+                found: "CNAME ma1.other.dkim.platform.test.".into(),
+                problem: "the CNAME must point to ma1.abc.dkim.platform.test.".into(),
+            }
+        );
+        let dns = FakeDns::default()
+            .cname("ma1._domainkey.acme.test", "ma1.abc.dkim.platform.test")
+            .cname("ma2._domainkey.acme.test", "ma2.abc.dkim.platform.test");
+        let outcomes = check_records(&dns, &expected).await;
+        assert!(matches!(
+            verdict(&outcomes, "ma1._domainkey.acme.test"),
+            Verdict::Missing { .. }
+        ));
     }
 }

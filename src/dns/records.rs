@@ -5,6 +5,11 @@
 //!   `<selector>._domainkey.<domain>`. A `Retired` key's record is still
 //!   listed (so the tenant knows which one to delete) but is marked
 //!   removable and never checked.
+//! - Delegated DKIM: a slot key's TXT lives at `<selector>.<delegatedTo>`
+//!   in the platform's zone instead, and the tenant publishes, once, one
+//!   CNAME per slot selector from `<selector>._domainkey.<domain>` to it.
+//!   The CNAME is checked as such, and through it the key it leads to: that
+//!   is the check a key must pass to sign, as receivers will follow it.
 //! - SPF: only required when the domain has a relay. Without one there is
 //!   nothing to authorize, so no SPF record is listed; the tenant's own SPF
 //!   record is none of our business then.
@@ -26,7 +31,7 @@ use crate::api::{
     DkimKeyStatus, DmarcPolicy, DnsRecordStatus, KeyState, MailDomainSpec, RecordState,
     SpfAuthorization,
 };
-use crate::dkim::{dkim_txt_value, split_txt};
+use crate::dkim::{SLOTS, dkim_txt_value, slot_of, slot_selectors, split_txt};
 
 /// The record types we ask tenants to publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -35,6 +40,8 @@ pub enum RecordType {
     Txt,
     #[serde(rename = "MX")]
     Mx,
+    #[serde(rename = "CNAME")]
+    Cname,
 }
 
 impl fmt::Display for RecordType {
@@ -42,6 +49,7 @@ impl fmt::Display for RecordType {
         f.write_str(match self {
             Self::Txt => "TXT",
             Self::Mx => "MX",
+            Self::Cname => "CNAME",
         })
     }
 }
@@ -64,6 +72,13 @@ pub enum Requirement {
     DmarcRecord,
     /// An MX at the name pointing to this host.
     MailExchanger { exchange: String },
+    /// A CNAME at the name to `target` (delegated DKIM) and, when a key is
+    /// in the slot, that key's record reached through it.
+    DkimDelegation {
+        selector: String,
+        target: String,
+        public_key: Option<String>,
+    },
     /// Nothing: the record belongs to a retired key and may be deleted.
     MayBeRemoved,
 }
@@ -111,20 +126,28 @@ impl ExpectedRecord {
                 .map(|part| format!("\"{}\"", part.replace('\\', "\\\\").replace('"', "\\\"")))
                 .collect::<Vec<_>>()
                 .join(" "),
-            RecordType::Mx => self.value.clone(),
+            RecordType::Mx | RecordType::Cname => self.value.clone(),
         };
         format!("{}. {ttl} IN {} {data}", self.name, self.record_type)
     }
 }
 
-/// Every record `domain` needs, given its spec, its keys (from status) and
-/// what its relay asks SPF to authorize (`None` without a relay).
+/// Every record `domain` needs, given its spec, its keys (from status),
+/// what its relay asks SPF to authorize (`None` without a relay) and, for
+/// delegated DKIM, where its key records are published (`delegatedTo`).
 pub fn expected_records(
     domain: &str,
     spec: &MailDomainSpec,
     keys: &[DkimKeyStatus],
     spf: Option<&SpfAuthorization>,
+    delegated_to: Option<&str>,
 ) -> Vec<ExpectedRecord> {
+    let prefix = &spec.dkim.selector_prefix;
+    let delegated = |selector: &str| {
+        delegated_to
+            .filter(|_| slot_of(prefix, selector).is_some())
+            .map(|base| format!("{selector}.{base}"))
+    };
     let mut records: Vec<ExpectedRecord> = keys
         .iter()
         .map(|key| {
@@ -138,13 +161,39 @@ pub fn expected_records(
                 KeyState::Retired => Requirement::MayBeRemoved,
             };
             ExpectedRecord::txt(
-                dkim_record_name(&key.selector, domain),
+                delegated(&key.selector).unwrap_or_else(|| dkim_record_name(&key.selector, domain)),
                 dkim_txt_value(key.algorithm, &key.public_key),
                 Purpose::Dkim,
                 requirement,
             )
         })
         .collect();
+    if delegated_to.is_some() {
+        for slot in SLOTS {
+            let selectors = slot_selectors(prefix, spec.dkim.algorithm, slot).unwrap_or_default();
+            for (_, selector) in selectors {
+                let Some(target) = delegated(&selector) else {
+                    continue;
+                };
+                let public_key = keys
+                    .iter()
+                    .find(|key| key.selector == selector && key.state != KeyState::Retired)
+                    .map(|key| key.public_key.clone());
+                records.push(ExpectedRecord {
+                    name: dkim_record_name(&selector, domain),
+                    record_type: RecordType::Cname,
+                    value: format!("{target}."),
+                    strings: Vec::new(),
+                    purpose: Purpose::Dkim,
+                    requirement: Requirement::DkimDelegation {
+                        selector,
+                        target,
+                        public_key,
+                    },
+                });
+            }
+        }
+    }
     if let Some(authorization) = spf {
         records.push(ExpectedRecord::txt(
             domain.to_string(),
@@ -311,7 +360,7 @@ pub fn record_statuses(
                 value: record.value.clone(),
                 strings: match record.record_type {
                     RecordType::Txt => record.strings.clone(),
-                    RecordType::Mx => Vec::new(),
+                    RecordType::Mx | RecordType::Cname => Vec::new(),
                 },
                 purpose: record.purpose,
                 state,
@@ -346,6 +395,7 @@ mod tests {
             generation: 1,
             public_key: public_key.into(),
             created_at: time("2026-01-01T00:00:00Z"),
+            verified_at: None,
             activated_at: None,
             retiring_at: None,
             retired_at: None,
@@ -371,7 +421,13 @@ mod tests {
             key("ma1a", KeyAlgorithm::Rsa, KeyState::Retiring, "RSA1"),
             key("ma0a", KeyAlgorithm::Rsa, KeyState::Retired, "RSA0"),
         ];
-        let records = expected_records("acme.example", &spec("domain: acme.example"), &keys, None);
+        let records = expected_records(
+            "acme.example",
+            &spec("domain: acme.example"),
+            &keys,
+            None,
+            None,
+        );
         let dkim: Vec<_> = records
             .iter()
             .filter(|r| r.purpose == Purpose::Dkim)
@@ -398,6 +454,7 @@ mod tests {
             &spec("{domain: acme.example, returnPath: bounce}"),
             &[],
             None,
+            None,
         );
         let purposes: Vec<_> = records.iter().map(|r| r.purpose).collect();
         assert_eq!(purposes, [Purpose::Dmarc]);
@@ -410,6 +467,7 @@ mod tests {
             &spec("domain: acme.example"),
             &[],
             Some(&relay()),
+            None,
         );
         let spf = records.iter().find(|r| r.purpose == Purpose::Spf).unwrap();
         assert_eq!(spf.name, "acme.example");
@@ -426,7 +484,7 @@ mod tests {
             "{domain: acme.example, dmarc: {policy: quarantine, subdomainPolicy: reject, \
              aggregateReportsTo: [a@acme.example, b@acme.example], failureReportsTo: [f@acme.example]}}",
         );
-        let records = expected_records("acme.example", &spec, &[], None);
+        let records = expected_records("acme.example", &spec, &[], None, None);
         let dmarc = records
             .iter()
             .find(|r| r.purpose == Purpose::Dmarc)
@@ -442,7 +500,8 @@ mod tests {
     #[test]
     fn return_path_gets_spf_and_an_mx_only_when_a_host_is_known() {
         let with_return_path = spec("{domain: acme.example, returnPath: bounce}");
-        let records = expected_records("acme.example", &with_return_path, &[], Some(&relay()));
+        let records =
+            expected_records("acme.example", &with_return_path, &[], Some(&relay()), None);
         let return_path = records
             .iter()
             .find(|r| r.purpose == Purpose::ReturnPath)
@@ -479,7 +538,13 @@ mod tests {
     fn long_dkim_values_are_split_into_strings_that_join_back() {
         let public_key = "A".repeat(392);
         let keys = [key("s", KeyAlgorithm::Rsa, KeyState::Active, &public_key)];
-        let records = expected_records("acme.example", &spec("domain: acme.example"), &keys, None);
+        let records = expected_records(
+            "acme.example",
+            &spec("domain: acme.example"),
+            &keys,
+            None,
+            None,
+        );
         let dkim = &records[0];
         assert_eq!(dkim.strings.len(), 2);
         assert!(dkim.strings.iter().all(|s| s.len() <= 255));
@@ -520,6 +585,7 @@ mod tests {
             &spec("domain: acme.example"),
             &keys,
             Some(&relay()),
+            None,
         )
         .into_iter()
         .zip(verdicts)

@@ -122,6 +122,9 @@ pub trait DnsLookup: Sync {
     /// TXT records at `name`, each one's strings joined (RFC 7208 3.3,
     /// RFC 6376 3.6.2.2).
     fn txt(&self, name: &str) -> impl Future<Output = Result<Vec<String>, LookupError>> + Send;
+    /// The target of the CNAME at `name`, lowercase, without the trailing
+    /// dot.
+    fn cname(&self, name: &str) -> impl Future<Output = Result<String, LookupError>> + Send;
     /// MX exchanges of `name`, most preferred first, without trailing dots.
     fn mx(&self, name: &str) -> impl Future<Output = Result<Vec<String>, LookupError>> + Send;
     /// IPv4 (A) or IPv6 (AAAA) addresses of `name`.
@@ -292,6 +295,25 @@ impl DnsLookup for DnsResolver {
                 _ => None,
             })
             .collect())
+    }
+
+    async fn cname(&self, name: &str) -> Result<String, LookupError> {
+        let data = self.lookup(name, RecordType::CNAME).await?;
+        data.iter()
+            .find_map(|rdata| match rdata {
+                RData::CNAME(cname) => Some(
+                    cname
+                        .0
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                ),
+                _ => None,
+            })
+            .ok_or_else(|| LookupError::NoRecords {
+                name: name.to_string(),
+                record_type: "CNAME".into(),
+            })
     }
 
     async fn mx(&self, name: &str) -> Result<Vec<String>, LookupError> {

@@ -885,6 +885,10 @@ impl<D: DnsLookup> DnsLookup for Proposed<'_, D> {
         self.inner.mx(name).await
     }
 
+    async fn cname(&self, name: &str) -> Result<String, LookupError> {
+        self.inner.cname(name).await
+    }
+
     async fn addresses(
         &self,
         name: &str,

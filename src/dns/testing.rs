@@ -12,6 +12,7 @@ pub struct FakeDns {
     txt: HashMap<String, Vec<String>>,
     mx: HashMap<String, Vec<String>>,
     addresses: HashMap<String, Vec<IpAddr>>,
+    cname: HashMap<String, Vec<String>>,
     failing: HashSet<String>,
 }
 
@@ -26,6 +27,13 @@ impl FakeDns {
             .entry(name.into())
             .or_default()
             .push(exchange.into());
+        self
+    }
+
+    /// A CNAME at `name`; a TXT lookup of `name` follows it, as a
+    /// resolver does.
+    pub fn cname(mut self, name: &str, target: &str) -> Self {
+        self.cname.insert(name.into(), vec![target.into()]);
         self
     }
 
@@ -66,12 +74,21 @@ impl FakeDns {
         self.txt.contains_key(name)
             || self.mx.contains_key(name)
             || self.addresses.contains_key(name)
+            || self.cname.contains_key(name)
     }
 }
 
 impl DnsLookup for FakeDns {
     async fn txt(&self, name: &str) -> Result<Vec<String>, LookupError> {
-        self.answer(name, "TXT", self.txt.get(name))
+        match self.cname.get(name).and_then(|targets| targets.first()) {
+            Some(target) => self.answer(target, "TXT", self.txt.get(target)),
+            None => self.answer(name, "TXT", self.txt.get(name)),
+        }
+    }
+
+    async fn cname(&self, name: &str) -> Result<String, LookupError> {
+        self.answer(name, "CNAME", self.cname.get(name))
+            .map(|targets| targets[0].clone())
     }
 
     async fn mx(&self, name: &str) -> Result<Vec<String>, LookupError> {

@@ -32,6 +32,7 @@ use super::super::Error;
 use super::super::conditions::{DomainFacts, KeysProblem, RelayFacts, conditions};
 use super::super::membership::{self, Candidate, LeftOut, claim_owner};
 use super::super::secrets::{self, CredentialsCheck, LedgerEntry, StoredKey};
+use super::dns_publish::Delegation;
 use crate::api::{
     Condition, ConditionStatus, ConditionType, DkimStatus, MailDomain, MailDomainStatus, MailRelay,
     ROTATE_ANNOTATION, Reason, RecordState, SpfAuthorization,
@@ -98,6 +99,8 @@ pub struct Observed<'a> {
     pub no_room: bool,
     /// What publishing through the DNSProvider came to.
     pub publishing: &'a super::dns_publish::Publishing,
+    /// Delegated DKIM, as resolved for this reconcile.
+    pub delegation: &'a Delegation,
 }
 
 /// The random material a decision may need, made by the shell (or why it
@@ -183,9 +186,38 @@ pub fn records_to_check(
     domain: &MailDomain,
     keys: KeySecret<'_>,
     relay: &RelayView<'_>,
+    delegation: &Delegation,
 ) -> Vec<ExpectedRecord> {
     let keys = known_keys(domain, keys);
-    dns::expected_records(&domain.spec.domain, &domain.spec, &keys, relay.spf())
+    expected_records(domain, &keys, relay, delegation)
+}
+
+/// The records `domain` needs with these keys. While delegation is asked
+/// for and unusable, the slot keys' records are left out: where they live
+/// is not known, and nothing about them may change meanwhile.
+fn expected_records(
+    domain: &MailDomain,
+    keys: &[crate::api::DkimKeyStatus],
+    relay: &RelayView<'_>,
+    delegation: &Delegation,
+) -> Vec<ExpectedRecord> {
+    let mut records = dns::expected_records(
+        &domain.spec.domain,
+        &domain.spec,
+        keys,
+        relay.spf(),
+        delegation.base(),
+    );
+    if matches!(delegation, Delegation::Unusable { .. }) {
+        let prefix = &domain.spec.dkim.selector_prefix;
+        records.retain(|record| match &record.requirement {
+            Requirement::DkimPublicKey { selector, .. } => {
+                dkim::slot_of(prefix, selector).is_none()
+            }
+            _ => true,
+        });
+    }
+    records
 }
 
 /// The keys as the operator knows them: the status's, plus those the key
@@ -323,28 +355,40 @@ fn rotation_plan(observed: &Observed<'_>) -> Result<Option<RotationPlan>, Error>
         rotate_acted_on: dkim.rotate_requested.as_deref(),
         dns: &verdicts,
         private_keys_present: &present,
+        slots: observed.delegation.slots(),
     })?;
     Ok(Some(plan))
 }
 
-/// DNS verdicts per DKIM selector, as the rotation planner wants them.
+/// DNS verdicts per DKIM selector, as the rotation planner wants them. A
+/// delegated key's is what its CNAME leads to (what receivers see), not
+/// its record in the platform's zone.
 fn dkim_verdicts(outcomes: &[RecordOutcome]) -> HashMap<String, DnsVerdict> {
-    outcomes
+    let verdict_of = |outcome: &RecordOutcome| match &outcome.verdict {
+        Some(Verdict::Verified) => DnsVerdict::Verified,
+        Some(Verdict::Missing { .. } | Verdict::Mismatch { .. }) => DnsVerdict::NotVerified,
+        Some(Verdict::Error { .. }) | None => DnsVerdict::Unknown,
+    };
+    let mut verdicts: HashMap<String, DnsVerdict> = outcomes
         .iter()
         .filter_map(|outcome| match &outcome.record.requirement {
             Requirement::DkimPublicKey { selector, .. } => {
-                let verdict = match &outcome.verdict {
-                    Some(Verdict::Verified) => DnsVerdict::Verified,
-                    Some(Verdict::Missing { .. } | Verdict::Mismatch { .. }) => {
-                        DnsVerdict::NotVerified
-                    }
-                    Some(Verdict::Error { .. }) | None => DnsVerdict::Unknown,
-                };
-                Some((selector.clone(), verdict))
+                Some((selector.clone(), verdict_of(outcome)))
             }
             _ => None,
         })
-        .collect()
+        .collect();
+    for outcome in outcomes {
+        if let Requirement::DkimDelegation {
+            selector,
+            public_key: Some(_),
+            ..
+        } = &outcome.record.requirement
+        {
+            verdicts.insert(selector.clone(), verdict_of(outcome));
+        }
+    }
+    verdicts
 }
 
 fn same_record(a: &ExpectedRecord, b: &ExpectedRecord) -> bool {
@@ -380,7 +424,7 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
     }
     let mut keys_problem = None;
     let mut rotations = 0;
-    let dkim_status = match &plan {
+    let mut dkim_status = match &plan {
         None => {
             keys_problem = Some(KeysProblem::SecretNotOwned {
                 secret: secret_name.clone(),
@@ -444,6 +488,12 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
                 unchanged
             }
         }
+    };
+
+    dkim_status.delegated_to = match observed.delegation {
+        Delegation::NotRequested => None,
+        Delegation::To { base, .. } => Some(base.clone()),
+        Delegation::Unusable { .. } => previous_dkim.delegated_to.clone(),
     };
 
     // The keys and their ledger are stored before the status names them.
@@ -536,12 +586,8 @@ pub fn decide(observed: &Observed<'_>, fresh: &Fresh) -> Result<Decision, Error>
 
     // Records for the keys as they are now; new keys are Unchecked until
     // the next check, which their new records make due at once.
-    let expected_now = dns::expected_records(
-        &md.spec.domain,
-        &md.spec,
-        &dkim_status.keys,
-        observed.relay.spf(),
-    );
+    let expected_now =
+        expected_records(md, &dkim_status.keys, &observed.relay, observed.delegation);
     let outcomes_now: Vec<RecordOutcome> = expected_now
         .iter()
         .map(|record| RecordOutcome {
@@ -940,6 +986,7 @@ mod tests {
                 claimants: &[],
                 no_room: false,
                 publishing: &super::super::dns_publish::Publishing::Manual,
+                delegation: &Delegation::NotRequested,
             }
         }
 
@@ -995,7 +1042,12 @@ mod tests {
         /// records verified, every other record missing.
         fn dns_says(&mut self, verified: &[&str]) {
             let observed = self.observed();
-            let expected = records_to_check(&self.md, observed.keys, &observed.relay);
+            let expected = records_to_check(
+                &self.md,
+                observed.keys,
+                &observed.relay,
+                &Delegation::NotRequested,
+            );
             self.dns = expected
                 .into_iter()
                 .map(|record| {

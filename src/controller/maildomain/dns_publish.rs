@@ -4,9 +4,10 @@
 //!
 //! Trust: the provider must admit the MailDomain's namespace (as a relay
 //! does), every name must lie inside the domain (it does by construction:
-//! the expected records are all under `spec.domain`) and inside one of the
-//! provider's zones, and nothing is written for a domain another
-//! MailDomain holds. The TSIG secret is read from the provider's own
+//! the expected records are all under `spec.domain`; delegated key records
+//! under the MailDomain's own label, a hash the tenant cannot choose) and
+//! inside one of the provider's zones, and nothing is written for a domain
+//! another MailDomain holds. The TSIG secret is read from the provider's own
 //! namespace, never from the MailDomain's.
 
 use std::net::SocketAddr;
@@ -17,24 +18,27 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use super::super::Context;
+use jiff::SignedDuration;
+
 use crate::api::{
-    ConditionStatus, ConditionType, DNSProvider, MailDomain, PublishedRecord, Reason,
+    ConditionStatus, ConditionType, DNSProvider, MailDomain, ProviderRef, PublishedRecord, Reason,
 };
+use crate::dkim::rotation::Slots;
 use crate::dns::publish::{self, Blocked, Precondition, Step};
 use crate::dns::rfc2136::{Change, Prerequisite, Rfc2136Client, UpdateError};
-use crate::dns::{RecordOutcome, spf};
+use crate::dns::{ExpectedRecord, RecordOutcome, spf};
 
 /// What publishing came to, for the decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Publishing {
-    /// No `spec.dns.providerRef`: the tenant publishes by hand.
+    /// No provider: the tenant publishes by hand.
     Manual,
     Provider {
-        /// `namespace/name` of the provider.
+        /// `namespace/name` of the provider(s), comma-separated.
         provider: String,
         /// The records the operator wrote, as they stand now.
         ledger: Vec<PublishedRecord>,
-        /// Why something was not (or could not be) written.
+        /// Why something was not (or could not) be written.
         problem: Option<(Reason, String)>,
         /// Records were written in this reconcile.
         wrote: bool,
@@ -51,8 +55,8 @@ impl Publishing {
         }
     }
 
-    /// The `DNSPublished` verdict, given the records' states after the
-    /// check; `None` without a provider.
+    /// The `DNSPublished` verdict, given whether the records the providers
+    /// write are all seen by the resolver; `None` without a provider.
     pub fn condition(&self, all_verified: bool) -> Option<(ConditionStatus, Reason, String)> {
         let Self::Provider {
             provider, problem, ..
@@ -78,35 +82,298 @@ impl Publishing {
     }
 }
 
+/// Delegated DKIM (`spec.dkim.delegation`) as this reconcile finds it.
+#[derive(Clone, Debug)]
+pub enum Delegation {
+    NotRequested,
+    /// The provider admits the MailDomain and hosts delegated records.
+    To {
+        provider: Box<DNSProvider>,
+        /// `namespace/name` of the provider.
+        id: String,
+        /// `<label>.<dkimDelegationZone>`: slot `<s>` is at `<s>.<base>`.
+        base: String,
+    },
+    /// Asked for, and not usable: the keys stay as they are.
+    Unusable {
+        reason: Reason,
+        message: String,
+    },
+}
+
+impl Delegation {
+    /// Where the key records are published, when delegation works.
+    pub fn base(&self) -> Option<&str> {
+        match self {
+            Self::To { base, .. } => Some(base),
+            _ => None,
+        }
+    }
+
+    /// The slot rules for the rotation planner: whenever delegation is
+    /// asked for (keys stay in their slots while it is unusable, and DNS
+    /// then says nothing new about them).
+    pub fn slots(&self) -> Option<Slots> {
+        let ttl = match self {
+            Self::NotRequested => return None,
+            Self::To { provider, .. } => provider.spec.ttl,
+            Self::Unusable { .. } => DEFAULT_TTL,
+        };
+        Some(Slots {
+            activation_delay: SignedDuration::from_secs(i64::from(ttl)),
+        })
+    }
+}
+
+/// The provider TTL when none can be read.
+const DEFAULT_TTL: u32 = 300;
+
+/// The label of a MailDomain's delegated records: a hash of its namespace,
+/// name and domain, so it is the same across restarts and re-creations of
+/// the same object, and no tenant can choose (or take) another's.
+pub fn delegation_label(namespace: &str, name: &str, domain: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{namespace}/{name}/{domain}").as_bytes(),
+    );
+    // 80 bits: no two MailDomains of a platform meet by chance.
+    digest.as_ref()[..10]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The provider's id, `namespace/name`, and where to find it.
-fn provider_ref(domain: &MailDomain, namespace: &str) -> Option<(String, String)> {
-    let r = domain.spec.dns.provider_ref.as_ref()?;
-    Some((
+fn id_of(r: &ProviderRef, namespace: &str) -> (String, String) {
+    (
         r.namespace.clone().unwrap_or_else(|| namespace.to_string()),
         r.name.clone(),
-    ))
+    )
+}
+
+/// Reads a provider and checks that it admits `namespace`.
+async fn admitted_provider(
+    (provider_namespace, provider_name): &(String, String),
+    namespace: &str,
+    ctx: &Context,
+) -> Result<DNSProvider, (Reason, String)> {
+    let id = format!("{provider_namespace}/{provider_name}");
+    let api: Api<DNSProvider> = Api::namespaced(ctx.client.clone(), provider_namespace);
+    let provider = match api.get_opt(provider_name).await {
+        Ok(Some(provider)) => provider,
+        Ok(None) => {
+            return Err((
+                Reason::ProviderNotFound,
+                format!("DNSProvider {id} does not exist: create it, or fix the providerRef"),
+            ));
+        }
+        Err(error) => {
+            return Err((
+                Reason::PublishFailed,
+                format!("reading DNSProvider {id}: {error}"),
+            ));
+        }
+    };
+    let labels = ctx.index().namespace_labels(namespace);
+    provider
+        .spec
+        .allowed_namespaces
+        .admits(provider_namespace, namespace, &labels)
+        .map_err(|why| {
+            let why = why.replace("the relay", "the provider");
+            (
+                Reason::ProviderNotAllowed,
+                format!("DNSProvider {id} does not admit this MailDomain: {why}"),
+            )
+        })?;
+    Ok(provider)
+}
+
+/// Resolves `spec.dkim.delegation`: the provider must exist, admit the
+/// namespace and host delegated records.
+pub async fn delegation(domain: &MailDomain, namespace: &str, ctx: &Context) -> Delegation {
+    let Some(delegation) = &domain.spec.dkim.delegation else {
+        return Delegation::NotRequested;
+    };
+    let at = id_of(&delegation.provider_ref, namespace);
+    let id = format!("{}/{}", at.0, at.1);
+    let provider = match admitted_provider(&at, namespace, ctx).await {
+        Ok(provider) => provider,
+        Err((reason, message)) => return Delegation::Unusable { reason, message },
+    };
+    let Some(zone) = provider.spec.dkim_delegation_zone.clone() else {
+        return Delegation::Unusable {
+            reason: Reason::ZoneNotGranted,
+            message: format!(
+                "DNSProvider {id} hosts no delegated DKIM (it has no dkimDelegationZone): ask the platform for one that does, or remove spec.dkim.delegation"
+            ),
+        };
+    };
+    let label = delegation_label(namespace, &domain.name_any(), &domain.spec.domain);
+    Delegation::To {
+        provider: Box::new(provider),
+        id,
+        base: format!("{label}.{zone}"),
+    }
+}
+
+/// One provider's share of the records.
+struct Target<'a> {
+    at: (String, String),
+    /// Already read and admitted (the delegation provider).
+    provider: Option<&'a DNSProvider>,
+    /// Whether a record is this provider's to write.
+    takes: Box<dyn Fn(&ExpectedRecord) -> bool + Send + Sync + 'a>,
 }
 
 /// Publishes what `outcomes` say is missing, and removes what the ledger
-/// holds and nothing needs any more.
+/// holds and nothing needs any more: the domain's own records through
+/// `spec.dns.providerRef`, delegated key records through the delegation
+/// provider (one pass when both are the same).
 pub async fn publish_records(
     domain: &MailDomain,
     namespace: &str,
     outcomes: &[RecordOutcome],
+    delegation: &Delegation,
     ctx: &Context,
 ) -> Publishing {
-    let Some((provider_namespace, provider_name)) = provider_ref(domain, namespace) else {
-        return Publishing::Manual;
+    let delegated_base = delegation.base().map(|base| format!(".{base}"));
+    let is_delegated = move |record: &ExpectedRecord| {
+        delegated_base
+            .as_deref()
+            .is_some_and(|base| record.name.ends_with(base))
     };
-    let id = format!("{provider_namespace}/{provider_name}");
+    let mut targets: Vec<Target<'_>> = Vec::new();
+    let own = domain
+        .spec
+        .dns
+        .provider_ref
+        .as_ref()
+        .map(|r| id_of(r, namespace));
+    let delegated_at = match delegation {
+        Delegation::To { provider, id, .. } => {
+            let at = id
+                .split_once('/')
+                .map(|(n, m)| (n.to_string(), m.to_string()));
+            at.map(|at| (at, provider.as_ref()))
+        }
+        _ => None,
+    };
+    match (own, delegated_at) {
+        (Some(own), Some((at, provider))) if own == at => targets.push(Target {
+            at,
+            provider: Some(provider),
+            takes: Box::new(|_| true),
+        }),
+        (own, delegated) => {
+            if let Some(at) = own {
+                let is_delegated = is_delegated.clone();
+                targets.push(Target {
+                    at,
+                    provider: None,
+                    takes: Box::new(move |r| !is_delegated(r)),
+                });
+            }
+            if let Some((at, provider)) = delegated {
+                targets.push(Target {
+                    at,
+                    provider: Some(provider),
+                    takes: Box::new(move |r| is_delegated(r)),
+                });
+            }
+        }
+    }
     let previous = domain
         .status
         .as_ref()
         .map(|s| s.published.clone())
         .unwrap_or_default();
-    let refuse = |reason, message: String| Publishing::Provider {
-        provider: id.clone(),
-        ledger: previous.clone(),
+    let delegation_problem = match delegation {
+        Delegation::Unusable { reason, message } => Some((*reason, message.clone())),
+        _ => None,
+    };
+    if targets.is_empty() {
+        return match delegation_problem {
+            None => Publishing::Manual,
+            Some(problem) => Publishing::Provider {
+                provider: domain
+                    .spec
+                    .dkim
+                    .delegation
+                    .as_ref()
+                    .map(|d| {
+                        let (n, m) = id_of(&d.provider_ref, namespace);
+                        format!("{n}/{m}")
+                    })
+                    .unwrap_or_default(),
+                ledger: previous,
+                problem: Some(problem),
+                wrote: false,
+            },
+        };
+    }
+    let ids: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{}/{}", t.at.0, t.at.1))
+        .collect();
+    let mut ledger: Vec<PublishedRecord> = previous
+        .iter()
+        .filter(|e| !ids.contains(&e.provider))
+        .cloned()
+        .collect();
+    let mut problem = delegation_problem;
+    let mut wrote = false;
+    for target in &targets {
+        let mine: Vec<RecordOutcome> = outcomes
+            .iter()
+            .filter(|o| (target.takes)(&o.record))
+            .cloned()
+            .collect();
+        let result = publish_through(domain, namespace, &mine, delegation, target, ctx).await;
+        ledger.extend(result.ledger);
+        wrote |= result.wrote;
+        if problem.is_none() {
+            problem = result.problem;
+        }
+    }
+    ledger.sort_by(|a, b| (&a.name, &a.value).cmp(&(&b.name, &b.value)));
+    ledger.dedup();
+    Publishing::Provider {
+        provider: ids.join(", "),
+        ledger,
+        problem,
+        wrote,
+    }
+}
+
+/// What one provider wrote: its own ledger entries after this pass.
+struct Through {
+    ledger: Vec<PublishedRecord>,
+    problem: Option<(Reason, String)>,
+    wrote: bool,
+}
+
+/// Plans and carries out one provider's share.
+async fn publish_through(
+    domain: &MailDomain,
+    namespace: &str,
+    outcomes: &[RecordOutcome],
+    delegation: &Delegation,
+    target: &Target<'_>,
+    ctx: &Context,
+) -> Through {
+    let id = format!("{}/{}", target.at.0, target.at.1);
+    let ledger_of = |domain: &MailDomain| -> Vec<PublishedRecord> {
+        domain
+            .status
+            .iter()
+            .flat_map(|s| s.published.iter())
+            .filter(|e| e.provider == id)
+            .cloned()
+            .collect()
+    };
+    let refuse = |reason, message: String| Through {
+        ledger: ledger_of(domain),
         problem: Some((reason, message)),
         wrote: false,
     };
@@ -122,45 +389,22 @@ pub async fn publish_records(
             ),
         );
     }
-    let api: Api<DNSProvider> = Api::namespaced(ctx.client.clone(), &provider_namespace);
-    let provider = match api.get_opt(&provider_name).await {
-        Ok(Some(provider)) => provider,
-        Ok(None) => {
-            return refuse(
-                Reason::ProviderNotFound,
-                format!("DNSProvider {id} does not exist: create it, or fix spec.dns.providerRef"),
-            );
-        }
-        Err(error) => {
-            return refuse(
-                Reason::PublishFailed,
-                format!("reading DNSProvider {id}: {error}"),
-            );
-        }
+    let read;
+    let provider = match target.provider {
+        Some(provider) => provider,
+        None => match admitted_provider(&target.at, namespace, ctx).await {
+            Ok(provider) => {
+                read = provider;
+                &read
+            }
+            Err((reason, message)) => return refuse(reason, message),
+        },
     };
-    let labels = ctx.index().namespace_labels(namespace);
-    if let Err(why) =
-        provider
-            .spec
-            .allowed_namespaces
-            .admits(&provider_namespace, namespace, &labels)
-    {
-        let why = why.replace("the relay", "the provider");
-        return refuse(
-            Reason::ProviderNotAllowed,
-            format!("DNSProvider {id} does not admit this MailDomain: {why}"),
-        );
-    }
 
     let plan_for = |domain: &MailDomain, outcomes: &[RecordOutcome]| {
-        let previous = domain
-            .status
-            .as_ref()
-            .map(|s| s.published.clone())
-            .unwrap_or_default();
         let mut plan = publish::plan(
             outcomes,
-            &previous,
+            &ledger_of(domain),
             &provider.spec,
             &id,
             domain.spec.dns.manage_spf,
@@ -176,9 +420,16 @@ pub async fn publish_records(
     if !plan.steps.is_empty()
         && let Some(fresh) = newer_copy(domain, namespace, ctx).await
     {
-        let outcomes = outcomes_of(&fresh, outcomes);
+        let outcomes: Vec<RecordOutcome> = outcomes_of(&fresh, outcomes, delegation)
+            .into_iter()
+            .filter(|o| (target.takes)(&o.record))
+            .collect();
         plan = plan_for(&fresh, &outcomes);
     }
+    // Removals first: a slot's retired record goes before its next key's
+    // is added at the same name.
+    plan.steps
+        .sort_by_key(|step| !matches!(step, Step::Remove(_)));
     // A merged SPF record past the lookup limit would make SPF fail
     // (permerror) for everyone: it is never written, and the tenant is told.
     let mut too_many = None;
@@ -218,7 +469,7 @@ pub async fn publish_records(
     };
     let mut wrote = false;
     if !plan.steps.is_empty() {
-        match client_for(&provider, ctx).await {
+        match client_for(provider, ctx).await {
             Err(error) => problem = Some(error),
             Ok(client) => {
                 for step in &plan.steps {
@@ -245,10 +496,7 @@ pub async fn publish_records(
             }
         }
     }
-    ledger.sort_by(|a, b| (&a.name, &a.value).cmp(&(&b.name, &b.value)));
-    ledger.dedup();
-    Publishing::Provider {
-        provider: id,
+    Through {
         ledger,
         problem,
         wrote,
@@ -271,62 +519,78 @@ async fn newer_copy(domain: &MailDomain, namespace: &str, ctx: &Context) -> Opti
 /// The records `domain` needs by its own status, with the verdicts the
 /// check found for the same records; one the check did not cover (or that
 /// is only removable now) has no verdict, and so is never written.
-fn outcomes_of(domain: &MailDomain, checked: &[RecordOutcome]) -> Vec<RecordOutcome> {
+fn outcomes_of(
+    domain: &MailDomain,
+    checked: &[RecordOutcome],
+    delegation: &Delegation,
+) -> Vec<RecordOutcome> {
     let keys = super::decide::known_keys(domain, super::decide::KeySecret::Absent);
     let spf = checked.iter().find_map(|o| match &o.record.requirement {
         crate::dns::Requirement::SpfAuthorizes(a) => Some(a.clone()),
         _ => None,
     });
-    crate::dns::expected_records(&domain.spec.domain, &domain.spec, &keys, spf.as_ref())
-        .into_iter()
-        .map(|record| {
-            let verdict = checked
-                .iter()
-                .find(|o| {
-                    o.record.name == record.name
-                        && o.record.value == record.value
-                        && !record.is_removable()
-                })
-                .and_then(|o| o.verdict.clone());
-            RecordOutcome { record, verdict }
-        })
-        .collect()
+    crate::dns::expected_records(
+        &domain.spec.domain,
+        &domain.spec,
+        &keys,
+        spf.as_ref(),
+        delegation.base(),
+    )
+    .into_iter()
+    .map(|record| {
+        let verdict = checked
+            .iter()
+            .find(|o| {
+                o.record.name == record.name
+                    && o.record.value == record.value
+                    && !record.is_removable()
+            })
+            .and_then(|o| o.verdict.clone());
+        RecordOutcome { record, verdict }
+    })
+    .collect()
 }
 
-/// Removes every record the ledger holds (the MailDomain is being deleted).
-/// Records written through a provider that is gone or no longer admits the
-/// namespace stay: there is no way left to remove them, and the tenant is
-/// told in an event.
+/// Removes every record the ledger holds (the MailDomain is being deleted),
+/// each through the provider that wrote it. Records written through a
+/// provider that is gone or no longer admits the namespace stay: there is
+/// no way left to remove them, and the tenant is told in an event.
 pub async fn remove_all(domain: &MailDomain, namespace: &str, ctx: &Context) -> Result<(), String> {
     let previous = domain
         .status
         .as_ref()
         .map(|s| s.published.clone())
         .unwrap_or_default();
-    if previous.is_empty() {
-        return Ok(());
-    }
-    let Some((provider_namespace, provider_name)) = provider_ref(domain, namespace) else {
-        return Err("spec.dns.providerRef was removed; the records it wrote stay".into());
-    };
-    let id = format!("{provider_namespace}/{provider_name}");
-    let api: Api<DNSProvider> = Api::namespaced(ctx.client.clone(), &provider_namespace);
-    let provider = match api.get_opt(&provider_name).await {
-        Ok(Some(provider)) => provider,
-        Ok(None) => {
-            return Err(format!(
-                "DNSProvider {id} is gone; the records it wrote stay"
-            ));
+    let mut ids: Vec<&str> = previous.iter().map(|e| e.provider.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    let mut left = Vec::new();
+    for id in ids {
+        let Some((provider_namespace, provider_name)) = id.split_once('/') else {
+            continue;
+        };
+        let at = (provider_namespace.to_string(), provider_name.to_string());
+        let removed = async {
+            let provider = admitted_provider(&at, namespace, ctx)
+                .await
+                .map_err(|(_, why)| why)?;
+            let client = client_for(&provider, ctx).await.map_err(|(_, why)| why)?;
+            for entry in previous.iter().filter(|e| e.provider == id) {
+                carry_out(&client, &Step::Remove(entry.clone()), provider.spec.ttl)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        if let Err(why) = removed.await {
+            left.push(format!("{why}; the records DNSProvider {id} wrote stay"));
         }
-        Err(error) => return Err(format!("reading DNSProvider {id}: {error}")),
-    };
-    let client = client_for(&provider, ctx).await.map_err(|(_, why)| why)?;
-    for entry in previous.iter().filter(|e| e.provider == id) {
-        carry_out(&client, &Step::Remove(entry.clone()), provider.spec.ttl)
-            .await
-            .map_err(|e| e.to_string())?;
     }
-    Ok(())
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(left.join("; "))
+    }
 }
 
 /// A DKIM record that carries this domain's own public key was written by

@@ -278,6 +278,7 @@ impl Around {
         reads: &'a Reads,
         dns: &'a [RecordOutcome],
         publishing: &'a dns_publish::Publishing,
+        delegation: &'a dns_publish::Delegation,
     ) -> Observed<'a> {
         Observed {
             domain,
@@ -289,6 +290,7 @@ impl Around {
             claimants: &self.claimants,
             no_room: self.no_room,
             publishing,
+            delegation,
         }
     }
 
@@ -321,9 +323,14 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
         .as_ref()
         .map(|s| s.records.as_slice())
         .unwrap_or_default();
+    let delegation = dns_publish::delegation(domain, &namespace, ctx).await;
     let observe = async |reads: &Reads| {
-        let expected =
-            decide::records_to_check(domain, reads.key_secret(domain), &around.relay_view());
+        let expected = decide::records_to_check(
+            domain,
+            reads.key_secret(domain),
+            &around.relay_view(),
+            &delegation,
+        );
         dns_outcomes(domain, &expected, previous_records, now, ctx).await
     };
     // Most reconciles change nothing (our own writes coming back, the
@@ -336,7 +343,8 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     // Publishing acts on DNS, not on the API server: it follows what the
     // check found, and what it wrote is checked again at once, through the
     // resolver, so the decision sees the records as receivers will.
-    let publishing = dns_publish::publish_records(domain, &namespace, &outcomes, ctx).await;
+    let publishing =
+        dns_publish::publish_records(domain, &namespace, &outcomes, &delegation, ctx).await;
     if matches!(
         publishing,
         dns_publish::Publishing::Provider { wrote: true, .. }
@@ -344,7 +352,7 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
         ctx.dns_memo.forget(&ObjectRef::from_obj(domain));
         outcomes = observe(&cached).await;
     }
-    let settled = around.observed(domain, now, &cached, &outcomes, &publishing);
+    let settled = around.observed(domain, now, &cached, &outcomes, &publishing, &delegation);
     if decide::needs(&settled)?.is_empty() {
         let decision = decide::decide(&settled, &Fresh::default())?;
         if decision.writes.is_empty() && decision.events.is_empty() {
@@ -355,7 +363,7 @@ async fn apply(domain: &MailDomain, ctx: &Context) -> Result<Action, Error> {
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let reads = Reads::fetch(domain, &secrets_api).await?;
     let outcomes = observe(&reads).await;
-    let observed = around.observed(domain, now, &reads, &outcomes, &publishing);
+    let observed = around.observed(domain, now, &reads, &outcomes, &publishing, &delegation);
 
     let Needs { keys, password } = decide::needs(&observed)?;
     // Generating is the one step that is not idempotent (new random keys
@@ -812,8 +820,12 @@ mod mock_api_tests {
         secret.metadata.namespace = Some("tenant".into());
         secrets.apply_watcher_event(&watcher::Event::Apply(secret.clone()));
         md.status = Some(serde_json::from_value(status["status"].clone()).unwrap());
-        let expected =
-            decide::records_to_check(&md, KeySecret::Ours(&secret), &RelayView::NotRequested);
+        let expected = decide::records_to_check(
+            &md,
+            KeySecret::Ours(&secret),
+            &RelayView::NotRequested,
+            &dns_publish::Delegation::NotRequested,
+        );
         ctx.dns_memo.put(
             ObjectRef::from_obj(&md),
             MemoEntry {
@@ -861,7 +873,12 @@ mod mock_api_tests {
     /// The DNS check is not what these tests are about: answer it from the
     /// memo (nothing published yet).
     fn no_dns_needed(ctx: &Context, md: &MailDomain) {
-        let expected = decide::records_to_check(md, KeySecret::Absent, &RelayView::NotRequested);
+        let expected = decide::records_to_check(
+            md,
+            KeySecret::Absent,
+            &RelayView::NotRequested,
+            &dns_publish::Delegation::NotRequested,
+        );
         let outcomes = expected
             .iter()
             .map(|record| RecordOutcome {
