@@ -324,6 +324,27 @@ fn dkim_verified(facts: &DomainFacts<'_>) -> Verdict {
         };
     }
 
+    // Delegated DKIM: every slot's CNAME must stay, the idle one too, or
+    // the next rotation cannot complete.
+    if let Some(bad) = facts.records.iter().find(|r| {
+        r.purpose == RecordPurpose::Dkim
+            && r.type_ == "CNAME"
+            && matches!(r.state, RecordState::Missing | RecordState::Mismatch)
+    }) {
+        return (
+            ConditionStatus::False,
+            Reason::CnameMissing,
+            format!(
+                "{}. Mail is still signed with {}, but receivers cannot verify a selector whose CNAME is missing, and a rotation cannot complete without it",
+                what_dns_says(bad),
+                active
+                    .iter()
+                    .map(|k| k.selector.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
     let records: Vec<&DnsRecordStatus> = active
         .iter()
         .filter_map(|k| dkim_record(facts, &k.selector))
@@ -353,23 +374,6 @@ fn dkim_verified(facts: &DomainFacts<'_>) -> Verdict {
         );
     }
     let selectors: Vec<&str> = active.iter().map(|k| k.selector.as_str()).collect();
-    // Delegated DKIM: every slot's CNAME must stay, the idle one too, or
-    // the next rotation cannot complete.
-    if let Some(bad) = facts.records.iter().find(|r| {
-        r.purpose == RecordPurpose::Dkim
-            && r.type_ == "CNAME"
-            && matches!(r.state, RecordState::Missing | RecordState::Mismatch)
-    }) {
-        return (
-            ConditionStatus::False,
-            Reason::CnameMissing,
-            format!(
-                "{}. Mail is still signed with {}, but receivers cannot verify a selector whose CNAME is missing, and a rotation cannot complete without it",
-                what_dns_says(bad),
-                selectors.join(", ")
-            ),
-        );
-    }
     let note: String = records.iter().map(|r| kept_note(r)).collect();
     if pending_instructions.is_empty() {
         (
