@@ -456,3 +456,121 @@ async fn three_delegated_rotations_leave_the_tenants_zone_untouched_and_every_me
     drop(relay);
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn delegated_names_are_per_maildomain_and_only_admitted_namespaces_get_them() {
+    let c = cluster();
+    c.install_crds().await;
+    let platform = c.namespace("deleg-platform").await;
+    let tenant_a = c.namespace("deleg-a").await;
+    let tenant_b = c.namespace("deleg-b").await;
+    let client = c.client().await;
+    let knot = Knot::start(&[Zone::new(PLATFORM)]);
+    let operator = Operator::start_for(
+        &[&platform.name, &tenant_a.name, &tenant_b.name],
+        knot.addr(),
+    )
+    .await;
+    let pp = PostParams::default();
+    let tsig = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("tsig".into()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "secret".to_string(),
+                ByteString(knot.tsig_secret().as_bytes().to_vec()),
+            )]
+            .into_iter()
+            .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &platform.name)
+        .create(&pp, &tsig)
+        .await
+        .unwrap();
+    // Offered to tenant A's namespace only.
+    let provider: DNSProvider = serde_json::from_value(serde_json::json!({
+        "apiVersion": "mailauth.dev/v1alpha1", "kind": "DNSProvider",
+        "metadata": {"name": "dkim"},
+        "spec": {
+            "zones": [PLATFORM], "dkimDelegationZone": PLATFORM,
+            "allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {
+                "kubernetes.io/metadata.name": tenant_a.name.clone()}}},
+            "rfc2136": {"server": knot.addr().to_string(), "tsigKeyName": TSIG_KEY_NAME,
+                        "tsigSecretRef": {"name": "tsig"}},
+        }
+    }))
+    .unwrap();
+    Api::<DNSProvider>::namespaced(client.clone(), &platform.name)
+        .create(&pp, &provider)
+        .await
+        .unwrap();
+    let md = |domain: &str| -> MailDomain {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailDomain", "metadata": {"name": "shop"},
+            "spec": {"domain": domain,
+                     "dkim": {"delegation": {"providerRef": {"name": "dkim", "namespace": platform.name.clone()}}}}
+        }))
+        .unwrap()
+    };
+    let a: Api<MailDomain> = Api::namespaced(client.clone(), &tenant_a.name);
+    let b: Api<MailDomain> = Api::namespaced(client.clone(), &tenant_b.name);
+    a.create(&pp, &md("shop-a.test")).await.unwrap();
+    b.create(&pp, &md("shop-b.test")).await.unwrap();
+
+    let admitted = wait_for(&a, "shop", "A's first key published", |md| {
+        md.status
+            .as_ref()
+            .is_some_and(|s| s.published.iter().any(|p| p.name.starts_with("ma1.")))
+    })
+    .await;
+    let refused = wait_for(&b, "shop", "B refused: ProviderNotAllowed", |md| {
+        md.status.as_ref().is_some_and(|s| {
+            Condition::find(&s.conditions, ConditionType::DnsPublished)
+                .is_some_and(|c| c.reason == "ProviderNotAllowed")
+        })
+    })
+    .await;
+    let base = delegated_to(&admitted).expect("A's delegatedTo");
+    assert_eq!(
+        base,
+        format!(
+            "{}.{PLATFORM}",
+            mailauth_operator::controller::maildomain::dns_publish::delegation_label(
+                &tenant_a.name,
+                "shop",
+                "shop-a.test"
+            )
+        )
+    );
+    let status = refused.status.as_ref().unwrap();
+    assert!(status.published.is_empty(), "nothing written for B");
+    assert_eq!(delegated_to(&refused), None);
+    // B's key is not listed for publishing anywhere; A's record is the only
+    // one under the platform zone.
+    assert!(
+        !status.records.iter().any(|r| r.name.ends_with(PLATFORM)),
+        "{:?}",
+        status.records
+    );
+    let a_key = key_in(&admitted, "ma1", KeyState::Pending).unwrap();
+    assert_eq!(
+        txt_values(&knot, &format!("ma1.{base}")),
+        [dkim_txt_value(a_key.algorithm, &a_key.public_key)]
+    );
+    let b_label = mailauth_operator::controller::maildomain::dns_publish::delegation_label(
+        &tenant_b.name,
+        "shop",
+        "shop-b.test",
+    );
+    assert_ne!(format!("{b_label}.{PLATFORM}"), base);
+    assert!(txt_values(&knot, &format!("ma1.{b_label}.{PLATFORM}")).is_empty());
+
+    operator.stop().await;
+    for ns in [tenant_a, tenant_b, platform] {
+        ns.delete().await;
+    }
+}
