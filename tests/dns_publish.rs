@@ -389,3 +389,50 @@ async fn each_refusal_gives_its_condition_and_publishes_nothing() {
     ns.delete().await;
     other.delete().await;
 }
+
+#[tokio::test]
+async fn a_provider_created_after_its_maildomain_is_used_at_once() {
+    let c = cluster();
+    c.install_crds().await;
+    let ns = c.namespace("publish-late").await;
+    let knot = Knot::start(&[Zone::new(ZONE)]);
+    let operator = Operator::start(&ns.name, knot.addr()).await;
+    let client = c.client().await;
+    let pp = PostParams::default();
+    let domains: Api<MailDomain> = Api::namespaced(client.clone(), &ns.name);
+    domains
+        .create(
+            &pp,
+            &maildomain(
+                "late",
+                serde_json::json!({"domain": ZONE, "dns": {"providerRef": {"name": "dns"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(&domains, "late", "ProviderNotFound", |md| {
+        has_reason(md, "ProviderNotFound")
+    })
+    .await;
+    assert!(txt_values(&knot, &format!("_dmarc.{ZONE}")).is_empty());
+
+    // The clock does not move: the provider's own watch event is what
+    // makes the MailDomain publish.
+    Api::<Secret>::namespaced(client.clone(), &ns.name)
+        .create(&pp, &tsig_secret("tsig", knot.tsig_secret()))
+        .await
+        .unwrap();
+    Api::<DNSProvider>::namespaced(client.clone(), &ns.name)
+        .create(&pp, &provider("dns", &knot, &[ZONE], "tsig"))
+        .await
+        .unwrap();
+    wait_for(&domains, "late", "Ready and DNSPublished", |md| {
+        is(md, ConditionType::Ready, ConditionStatus::True)
+            && is(md, ConditionType::DnsPublished, ConditionStatus::True)
+    })
+    .await;
+    assert_eq!(txt_values(&knot, &format!("_dmarc.{ZONE}")).len(), 1);
+
+    operator.stop().await;
+    ns.delete().await;
+}

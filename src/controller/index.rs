@@ -30,7 +30,7 @@ use kube::{Client, Resource, ResourceExt};
 
 use super::membership::relay_of;
 use super::secrets::{MAILDOMAIN_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
-use crate::api::{MailDomain, MailRelay};
+use crate::api::{DNSProvider, MailDomain, MailRelay};
 use crate::relay::config::{RELAY_CONFIG_LABEL, RELAY_CONFIG_SHARD_LABEL};
 
 /// Something the relay projection must look at again.
@@ -61,6 +61,9 @@ pub struct Index {
     pub secrets: Store<Secret>,
     pub namespaces: Store<Namespace>,
     pub relays: Store<MailRelay>,
+    /// DNSProviders: read by every reconcile that publishes, so a read
+    /// costs no request, and a change reaches the MailDomains naming one.
+    pub providers: Store<DNSProvider>,
     /// `spec.domain` → the MailDomains that claim it.
     claims: Arc<Mutex<Claims>>,
     /// The uid and generation each relay was last seen at: only a change of
@@ -87,6 +90,7 @@ impl Index {
             self.secrets.wait_until_ready(),
             self.namespaces.wait_until_ready(),
             self.relays.wait_until_ready(),
+            self.providers.wait_until_ready(),
         );
     }
 
@@ -97,6 +101,38 @@ impl Index {
 
     pub fn relay(&self, relay: &ObjectRef<MailRelay>) -> Option<Arc<MailRelay>> {
         self.relays.get(relay)
+    }
+
+    /// The DNSProvider `name` in `namespace`, if it exists (and is in the
+    /// operator's scope).
+    pub fn provider(&self, namespace: &str, name: &str) -> Option<Arc<DNSProvider>> {
+        self.providers.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The MailDomains that name a DNSProvider, for their records or for
+    /// delegated DKIM.
+    pub fn domains_of_provider(&self, provider: &ObjectRef<DNSProvider>) -> Vec<Arc<MailDomain>> {
+        let names = |md: &MailDomain, r: &crate::api::ProviderRef| {
+            r.name == provider.name
+                && r.namespace.clone().or_else(|| md.namespace()) == provider.namespace
+        };
+        self.domains
+            .state()
+            .into_iter()
+            .filter(|md| {
+                md.spec
+                    .dns
+                    .provider_ref
+                    .as_ref()
+                    .is_some_and(|r| names(md, r))
+                    || md
+                        .spec
+                        .dkim
+                        .delegation
+                        .as_ref()
+                        .is_some_and(|d| names(md, &d.provider_ref))
+            })
+            .collect()
     }
 
     /// The labels of a namespace (empty when it is unknown).
@@ -369,11 +405,13 @@ pub fn start(
     let (secrets, secrets_writer) = reflector::store();
     let (namespaces, namespaces_writer) = reflector::store();
     let (relays, relays_writer) = reflector::store();
+    let (providers, providers_writer) = reflector::store();
     let index = Index {
         domains,
         secrets,
         namespaces,
         relays,
+        providers,
         claims: Arc::default(),
         relay_generations: Arc::default(),
     };
@@ -423,6 +461,15 @@ pub fn start(
             .reflect(namespaces_writer);
         drive(stream, move |event| on_namespace(&index, &fanout, event))
     };
+    let provider_watch = {
+        let (index, fanout) = (index.clone(), fanout.clone());
+        let stream = scope
+            .watch(&client, watcher::Config::default(), index.providers.clone())
+            .default_backoff()
+            .modify(|provider| provider.managed_fields_mut().clear())
+            .reflect(providers_writer);
+        drive(stream, move |event| on_provider(&index, &fanout, event))
+    };
     let relay_watch = {
         let (index, fanout) = (index.clone(), fanout);
         let stream = scope
@@ -433,7 +480,13 @@ pub fn start(
         drive(stream, move |event| on_relay(&index, &fanout, event))
     };
     let run = async move {
-        tokio::join!(domain_watch, secret_watch, namespace_watch, relay_watch);
+        tokio::join!(
+            domain_watch,
+            secret_watch,
+            namespace_watch,
+            relay_watch,
+            provider_watch
+        );
     };
     (
         index,
@@ -548,6 +601,25 @@ fn on_namespace(
         }
         watcher::Event::InitDone => fanout.change(Change::Resync),
         watcher::Event::Init | watcher::Event::InitApply(_) => {}
+    }
+}
+
+/// A DNSProvider created, changed or deleted: the MailDomains naming it
+/// publish (or report) again at once. A provider has no status, so every
+/// change is one they depend on.
+fn on_provider(
+    index: &Index,
+    fanout: &Fanout,
+    event: Result<&watcher::Event<DNSProvider>, watcher::Error>,
+) {
+    let Ok(event) = event else { return };
+    match event {
+        watcher::Event::Apply(provider) | watcher::Event::Delete(provider) => {
+            for md in index.domains_of_provider(&ObjectRef::from_obj(provider)) {
+                fanout.trigger(ObjectRef::from_obj(&*md));
+            }
+        }
+        watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => {}
     }
 }
 
@@ -731,6 +803,7 @@ mod tests {
             secrets: reflector::store().0,
             namespaces: reflector::store().0,
             relays: reflector::store().0,
+            providers: reflector::store().0,
             claims: Arc::default(),
             relay_generations: Arc::default(),
         };
@@ -777,5 +850,93 @@ mod tests {
         assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
         apply(relay("uid-3", 1));
         assert_eq!(drain(), (vec!["a".to_string(), "b".to_string()], 1));
+    }
+
+    #[test]
+    fn a_provider_change_reconciles_the_maildomains_that_name_it_and_no_others() {
+        let (domains, mut domains_writer) = reflector::store::<MailDomain>();
+        let domain = |name: &str, namespace: &str, spec: serde_json::Value| -> MailDomain {
+            let mut spec = spec;
+            spec["domain"] = format!("{name}.example").into();
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "mailauth.dev/v1alpha1", "kind": "MailDomain",
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec,
+            }))
+            .unwrap()
+        };
+        for md in [
+            // Its records through the provider in its own namespace.
+            domain(
+                "own",
+                "mail",
+                serde_json::json!({"dns": {"providerRef": {"name": "dns"}}}),
+            ),
+            // Delegated DKIM through it, named with its namespace.
+            domain(
+                "delegated",
+                "tenant",
+                serde_json::json!({"dkim": {"delegation": {"providerRef": {"name": "dns", "namespace": "mail"}}}}),
+            ),
+            // A provider of the same name in its own namespace: not this one.
+            domain(
+                "other",
+                "tenant",
+                serde_json::json!({"dns": {"providerRef": {"name": "dns"}}}),
+            ),
+            domain("manual", "mail", serde_json::json!({})),
+        ] {
+            domains_writer.apply_watcher_event(&watcher::Event::Apply(md));
+        }
+        let index = Index {
+            domains,
+            secrets: reflector::store().0,
+            namespaces: reflector::store().0,
+            relays: reflector::store().0,
+            providers: reflector::store().0,
+            claims: Arc::default(),
+            relay_generations: Arc::default(),
+        };
+        let (domain_objects, _domain_objects) = unbounded();
+        let (domain_triggers, mut triggers) = unbounded();
+        let (relay_objects, _relay_objects) = unbounded();
+        let (changes, _changes) = unbounded();
+        let fanout = Fanout {
+            domain_objects,
+            domain_triggers,
+            relay_objects,
+            changes,
+        };
+        let provider: DNSProvider = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailauth.dev/v1alpha1", "kind": "DNSProvider",
+            "metadata": {"name": "dns", "namespace": "mail"},
+            "spec": {"zones": ["example"], "externalDNS": {}}
+        }))
+        .unwrap();
+        let mut drain = || {
+            let mut triggered = Vec::new();
+            while let Ok(md) = triggers.try_recv() {
+                triggered.push(md.name);
+            }
+            triggered.sort();
+            triggered
+        };
+        on_provider(
+            &index,
+            &fanout,
+            Ok(&watcher::Event::InitApply(provider.clone())),
+        );
+        assert_eq!(
+            drain(),
+            Vec::<String>::new(),
+            "the first list triggers nothing"
+        );
+        on_provider(
+            &index,
+            &fanout,
+            Ok(&watcher::Event::Apply(provider.clone())),
+        );
+        assert_eq!(drain(), ["delegated", "own"]);
+        on_provider(&index, &fanout, Ok(&watcher::Event::Delete(provider)));
+        assert_eq!(drain(), ["delegated", "own"]);
     }
 }

@@ -152,28 +152,24 @@ fn id_of(r: &ProviderRef, namespace: &str) -> (String, String) {
 }
 
 /// Reads a provider and checks that it admits `namespace`.
-async fn admitted_provider(
+fn admitted_provider(
     (provider_namespace, provider_name): &(String, String),
     namespace: &str,
     ctx: &Context,
 ) -> Result<DNSProvider, (Reason, String)> {
     let id = format!("{provider_namespace}/{provider_name}");
-    let api: Api<DNSProvider> = Api::namespaced(ctx.client.clone(), provider_namespace);
-    let provider = match api.get_opt(provider_name).await {
-        Ok(Some(provider)) => provider,
-        Ok(None) => {
-            return Err((
-                Reason::ProviderNotFound,
-                format!("DNSProvider {id} does not exist: create it, or fix the providerRef"),
-            ));
-        }
-        Err(error) => {
-            return Err((
-                Reason::PublishFailed,
-                format!("reading DNSProvider {id}: {error}"),
-            ));
-        }
+    // From the index: its watch reconciles the MailDomains that name a
+    // provider whenever the provider changes, so a provider created after
+    // them is used at once.
+    let Some(provider) = ctx.index().provider(provider_namespace, provider_name) else {
+        return Err((
+            Reason::ProviderNotFound,
+            format!(
+                "DNSProvider {id} does not exist (or is in a namespace the operator does not watch): create it, or fix the providerRef"
+            ),
+        ));
     };
+    let provider = DNSProvider::clone(&provider);
     let labels = ctx.index().namespace_labels(namespace);
     provider
         .spec
@@ -197,7 +193,7 @@ pub async fn delegation(domain: &MailDomain, namespace: &str, ctx: &Context) -> 
     };
     let at = id_of(&delegation.provider_ref, namespace);
     let id = format!("{}/{}", at.0, at.1);
-    let provider = match admitted_provider(&at, namespace, ctx).await {
+    let provider = match admitted_provider(&at, namespace, ctx) {
         Ok(provider) => provider,
         Err((reason, message)) => return Delegation::Unusable { reason, message },
     };
@@ -392,7 +388,7 @@ async fn publish_through(
     let read;
     let provider = match target.provider {
         Some(provider) => provider,
-        None => match admitted_provider(&target.at, namespace, ctx).await {
+        None => match admitted_provider(&target.at, namespace, ctx) {
             Ok(provider) => {
                 read = provider;
                 &read
@@ -571,9 +567,7 @@ pub async fn remove_all(domain: &MailDomain, namespace: &str, ctx: &Context) -> 
         };
         let at = (provider_namespace.to_string(), provider_name.to_string());
         let removed = async {
-            let provider = admitted_provider(&at, namespace, ctx)
-                .await
-                .map_err(|(_, why)| why)?;
+            let provider = admitted_provider(&at, namespace, ctx).map_err(|(_, why)| why)?;
             let client = client_for(&provider, ctx).await.map_err(|(_, why)| why)?;
             for entry in previous.iter().filter(|e| e.provider == id) {
                 carry_out(&client, &Step::Remove(entry.clone()), provider.spec.ttl)
