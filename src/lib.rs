@@ -10,5 +10,6 @@ pub mod cli;
 pub mod controller;
 pub mod dkim;
 pub mod dns;
+pub mod feedback;
 pub mod relay;
 pub mod telemetry;
