@@ -50,29 +50,7 @@ fn run(program: &str, args: &[&str]) -> std::process::Output {
 
 impl Postfix {
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("postfix-")
-            .tempdir()
-            .expect("temp dir");
-        // Postfix's daemons run as user postfix and must reach their
-        // directories below this one.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
-            .expect("chmod");
-        let root = dir.path();
-        for sub in ["etc", "queue", "data"] {
-            std::fs::create_dir(root.join(sub)).expect("postfix directories");
-        }
-        let chown = run(
-            "chown",
-            &["postfix", &root.join("data").display().to_string()],
-        );
-        assert!(chown.status.success(), "chown postfix: {chown:?}");
-        std::fs::copy("/etc/postfix/master.cf", root.join("etc/master.cf"))
-            .expect("copying /etc/postfix/master.cf (Debian package `postfix`)");
-        let port = free_tcp_port();
-        let root_text = root.display();
-        std::fs::write(
-            root.join("etc/main.cf"),
+        Self::start_with(|root_text, _port| {
             format!(
                 "compatibility_level = 3.6\n\
                  queue_directory = {root_text}/queue\n\
@@ -104,7 +82,69 @@ impl Postfix {
                  smtpd_client_connection_count_limit = 0\n\
                  smtpd_client_message_rate_limit = 0\n\
                  default_process_limit = 20\n"
-            ),
+            )
+        })
+    }
+
+    /// A Postfix that is the final destination of `example.net`, accepts
+    /// every recipient there and delivers locally: mail for a user the
+    /// machine does not have is accepted, then bounced by local(8), as a
+    /// receiver does whose mailbox check comes after the SMTP dialogue. Its
+    /// bounces (RFC 3464 DSNs, written by Postfix's own `bounce` daemon)
+    /// go to the envelope sender through `relay_port`, an SMTP sink.
+    pub fn start_bouncing(relay_port: u16) -> Self {
+        Self::start_with(|root_text, _port| {
+            format!(
+                "compatibility_level = 3.6\n\
+                 queue_directory = {root_text}/queue\n\
+                 data_directory = {root_text}/data\n\
+                 maillog_file = {root_text}/maillog\n\
+                 maillog_file_prefixes = {root_text}\n\
+                 myhostname = mx.example.net\n\
+                 mydomain = example.net\n\
+                 myorigin = $mydomain\n\
+                 inet_interfaces = 127.0.0.1\n\
+                 inet_protocols = ipv4\n\
+                 mydestination = example.net\n\
+                 local_recipient_maps =\n\
+                 local_transport = local\n\
+                 relay_domains =\n\
+                 relayhost = [127.0.0.1]:{relay_port}\n\
+                 smtp_tls_security_level = none\n\
+                 alias_maps =\n\
+                 alias_database =\n\
+                 mynetworks = 127.0.0.0/8\n\
+                 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+                 default_process_limit = 20\n"
+            )
+        })
+    }
+
+    fn start_with(main_cf: impl FnOnce(&str, u16) -> String) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("postfix-")
+            .tempdir()
+            .expect("temp dir");
+        // Postfix's daemons run as user postfix and must reach their
+        // directories below this one.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
+        let root = dir.path();
+        for sub in ["etc", "queue", "data"] {
+            std::fs::create_dir(root.join(sub)).expect("postfix directories");
+        }
+        let chown = run(
+            "chown",
+            &["postfix", &root.join("data").display().to_string()],
+        );
+        assert!(chown.status.success(), "chown postfix: {chown:?}");
+        std::fs::copy("/etc/postfix/master.cf", root.join("etc/master.cf"))
+            .expect("copying /etc/postfix/master.cf (Debian package `postfix`)");
+        let port = free_tcp_port();
+        let root_text = root.display();
+        std::fs::write(
+            root.join("etc/main.cf"),
+            main_cf(&root_text.to_string(), port),
         )
         .expect("main.cf");
         let etc = root.join("etc").display().to_string();
