@@ -66,7 +66,7 @@ test: lint cluster-up
 unit:
 	$(CARGO) test --locked --lib
 
-## demo: see README; starts the control plane, installs CRDs, runs the operator on the examples
+## demo (as root): see README; the chart and a relay on the real node, a message signed and verified
 demo:
 	tests/demo/demo.sh
 

@@ -229,11 +229,18 @@ impl Release {
 }
 
 impl Drop for Release {
+    /// Waits until the release's pods are gone: the next test's operator
+    /// must not share the cluster with this one's.
     fn drop(&mut self) {
-        let _ = self
-            .node
-            .cluster
-            .helm(&["uninstall", &self.name, "--namespace", &self.namespace]);
+        let _ = self.node.cluster.helm(&[
+            "uninstall",
+            &self.name,
+            "--namespace",
+            &self.namespace,
+            "--wait",
+            "--timeout",
+            "120s",
+        ]);
     }
 }
 
@@ -289,4 +296,167 @@ pub fn swaks_to(
             String::from_utf8_lossy(&output.stderr)
         ),
     )
+}
+
+/// How a submission ended, as the client saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fate {
+    /// 250 after the data's final dot: the relay took responsibility.
+    Acknowledged,
+    /// A reply that refused it (4xx or 5xx) at any step.
+    Refused(u16),
+    /// No final reply: the connection was refused, closed or broke first.
+    Cut(String),
+}
+
+/// Any stream an [`SmtpSession`] talks over (TCP, or TLS over it).
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A client SMTP session to a relay pod, one command per round trip:
+/// greeting, EHLO, STARTTLS (the certificate is not checked: it is the
+/// test's own), EHLO, AUTH PLAIN. Every step has a deadline.
+pub struct SmtpSession {
+    stream: Box<dyn Stream>,
+    buffer: Vec<u8>,
+    /// The leaf certificate the relay presented (DER).
+    pub certificate: Vec<u8>,
+}
+
+const SESSION_STEP: Duration = Duration::from_secs(20);
+
+impl SmtpSession {
+    pub async fn open(ip: Ipv4Addr, port: u16, auth: (&str, &str)) -> Result<Self, Fate> {
+        let cut = |what: &str, e: &dyn std::fmt::Display| Fate::Cut(format!("{what}: {e}"));
+        let tcp = tokio::time::timeout(SESSION_STEP, tokio::net::TcpStream::connect((ip, port)))
+            .await
+            .map_err(|e| cut("connect", &e))?
+            .map_err(|e| cut("connect", &e))?;
+        tcp.set_nodelay(true).map_err(|e| cut("nodelay", &e))?;
+        let mut session = Self {
+            stream: Box::new(tcp),
+            buffer: Vec::new(),
+            certificate: Vec::new(),
+        };
+        session.expect(None, 220).await?;
+        session.expect(Some("EHLO client.test"), 250).await?;
+        session.expect(Some("STARTTLS"), 220).await?;
+        let connector = mail_send::smtp::tls::build_tls_connector(true)
+            .map_err(|e| cut("TLS connector", &e))?;
+        let name = rustls_pki_types::ServerName::try_from("relay.platform.test")
+            .map_err(|e| cut("name", &e))?;
+        let Self { stream, .. } = session;
+        let tls = tokio::time::timeout(SESSION_STEP, connector.connect(name, stream))
+            .await
+            .map_err(|e| cut("TLS handshake", &e))?
+            .map_err(|e| cut("TLS handshake", &e))?;
+        let certificate = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| leaf.to_vec())
+            .unwrap_or_default();
+        session = Self {
+            stream: Box::new(tls),
+            buffer: Vec::new(),
+            certificate,
+        };
+        session.expect(Some("EHLO client.test"), 250).await?;
+        use base64::Engine as _;
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{}\0{}", auth.0, auth.1));
+        session
+            .expect(Some(&format!("AUTH PLAIN {token}")), 235)
+            .await?;
+        Ok(session)
+    }
+
+    /// Reads one reply (its last line decides) and returns its code.
+    async fn reply(&mut self) -> Result<u16, Fate> {
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            let mut start = 0;
+            while let Some(end) = self.buffer[start..].iter().position(|b| *b == b'\n') {
+                let line = self.buffer[start..start + end].to_vec();
+                start += end + 1;
+                if line.len() < 4 || line[3] != b'-' {
+                    self.buffer.drain(..start);
+                    return std::str::from_utf8(line.get(..3).unwrap_or_default())
+                        .ok()
+                        .and_then(|code| code.parse().ok())
+                        .ok_or_else(|| {
+                            Fate::Cut(format!("not SMTP: {}", String::from_utf8_lossy(&line)))
+                        });
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let read = tokio::time::timeout(SESSION_STEP, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| Fate::Cut("no reply in time".into()))?
+                .map_err(|e| Fate::Cut(format!("reading: {e}")))?;
+            if read == 0 {
+                return Err(Fate::Cut("the relay closed the connection".into()));
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), Fate> {
+        use tokio::io::AsyncWriteExt as _;
+        let written = async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        };
+        tokio::time::timeout(SESSION_STEP, written)
+            .await
+            .map_err(|_| Fate::Cut("writing timed out".into()))?
+            .map_err(|e| Fate::Cut(format!("writing: {e}")))
+    }
+
+    /// Sends `command` (none: reads the greeting) and expects `code`.
+    async fn expect(&mut self, command: Option<&str>, code: u16) -> Result<(), Fate> {
+        if let Some(command) = command {
+            self.write(format!("{command}\r\n").as_bytes()).await?;
+        }
+        match self.reply().await? {
+            got if got == code => Ok(()),
+            got => Err(Fate::Refused(got)),
+        }
+    }
+
+    /// Submits one message (`data` without dot-stuffing needs: no line
+    /// starts with a dot) and says how it ended.
+    pub async fn send(&mut self, from: &str, to: &str, data: &str) -> Fate {
+        let transaction = async {
+            self.expect(Some(&format!("MAIL FROM:<{from}>")), 250)
+                .await?;
+            self.expect(Some(&format!("RCPT TO:<{to}>")), 250).await?;
+            self.expect(Some("DATA"), 354).await?;
+            let mut body = data.to_string();
+            if !body.ends_with("\r\n") {
+                body.push_str("\r\n");
+            }
+            body.push_str(".\r\n");
+            self.write(body.as_bytes()).await?;
+            self.expect(None, 250).await
+        };
+        match transaction.await {
+            Ok(()) => Fate::Acknowledged,
+            Err(fate) => fate,
+        }
+    }
+
+    pub async fn quit(mut self) {
+        let _ = self.expect(Some("QUIT"), 221).await;
+    }
+}
+
+/// The leaf certificate (DER) the relay at `ip:port` presents in
+/// STARTTLS now, if a session gets that far.
+pub async fn served_certificate(ip: Ipv4Addr, port: u16, auth: (&str, &str)) -> Option<Vec<u8>> {
+    let session = SmtpSession::open(ip, port, auth).await.ok()?;
+    let certificate = session.certificate.clone();
+    session.quit().await;
+    Some(certificate)
 }
