@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::SignedDuration;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use mailauth_operator::api::{
@@ -21,7 +20,7 @@ use mailauth_operator::api::{
 };
 use mailauth_operator::dkim::dkim_txt_value;
 use support::cluster::cluster;
-use support::dns::{Knot, TSIG_KEY_NAME, Zone};
+use support::dns::{Knot, TSIG_KEY_NAME, Zone, tsig_secret};
 use support::mail::{
     Relay, SmtpSink, Swaks, dkimpy_verify, dkimpy_verify_all, self_signed_certificate,
 };
@@ -134,21 +133,7 @@ async fn three_delegated_rotations_leave_the_tenants_zone_untouched_and_every_me
 
     // The platform's provider: it hosts delegated keys under PLATFORM and
     // nothing else; the tenant has no provider for its own zone.
-    let tsig = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("platform-tsig".into()),
-            ..Default::default()
-        },
-        data: Some(
-            [(
-                "secret".to_string(),
-                ByteString(knot.tsig_secret().as_bytes().to_vec()),
-            )]
-            .into_iter()
-            .collect(),
-        ),
-        ..Default::default()
-    };
+    let tsig = tsig_secret("platform-tsig", knot.tsig_secret());
     secrets.create(&pp, &tsig).await.expect("TSIG Secret");
     let provider: DNSProvider = serde_json::from_value(serde_json::json!({
         "apiVersion": "mailauth.dev/v1alpha1", "kind": "DNSProvider",
@@ -472,21 +457,7 @@ async fn delegated_names_are_per_maildomain_and_only_admitted_namespaces_get_the
     )
     .await;
     let pp = PostParams::default();
-    let tsig = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("tsig".into()),
-            ..Default::default()
-        },
-        data: Some(
-            [(
-                "secret".to_string(),
-                ByteString(knot.tsig_secret().as_bytes().to_vec()),
-            )]
-            .into_iter()
-            .collect(),
-        ),
-        ..Default::default()
-    };
+    let tsig = tsig_secret("tsig", knot.tsig_secret());
     Api::<Secret>::namespaced(client.clone(), &platform.name)
         .create(&pp, &tsig)
         .await

@@ -6,7 +6,6 @@
 mod support;
 
 use jiff::SignedDuration;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use mailauth_operator::api::{
@@ -14,7 +13,7 @@ use mailauth_operator::api::{
 };
 use mailauth_operator::dkim::dkim_txt_value;
 use support::cluster::cluster;
-use support::dns::{Knot, TSIG_KEY_NAME, Zone};
+use support::dns::{Knot, TSIG_KEY_NAME, Zone, tsig_secret};
 use support::operator::{Operator, is, wait_deleted, wait_for};
 use support::wait::eventually;
 
@@ -45,21 +44,6 @@ fn txt_values(knot: &Knot, name: &str) -> Vec<String> {
         })
         .filter(|value| !value.is_empty())
         .collect()
-}
-
-fn tsig_secret(name: &str, secret: &str) -> Secret {
-    Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(
-            [("secret".to_string(), ByteString(secret.as_bytes().to_vec()))]
-                .into_iter()
-                .collect(),
-        ),
-        ..Default::default()
-    }
 }
 
 fn provider(name: &str, knot: &Knot, zones: &[&str], secret: &str) -> DNSProvider {

@@ -433,3 +433,24 @@ fn run_with_input(command: &mut Command, input: &str) -> Output {
         .expect("writing to knsupdate");
     child.wait_with_output().expect("waiting for knsupdate")
 }
+
+/// A Secret `name` holding `secret` (a knot TSIG secret) under the key
+/// `secret`, as a DNSProvider's `tsigSecretRef` names it.
+#[allow(dead_code)]
+pub fn tsig_secret(name: &str, secret: &str) -> k8s_openapi::api::core::v1::Secret {
+    k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "secret".to_string(),
+                k8s_openapi::ByteString(secret.as_bytes().to_vec()),
+            )]
+            .into_iter()
+            .collect(),
+        ),
+        ..Default::default()
+    }
+}
